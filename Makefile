@@ -1,0 +1,58 @@
+# One entry point for set-up, tests and the demo. `make test` and `make demo` install first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sparqle-setup
+# CPU machines take the CPU wheel of torch; GPU users: make setup TORCH_SPEC=torch (any CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+TORCHAUDIO_SPEC ?= torchaudio==2.11.0
+APT_PACKAGES := espeak-ng
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup system-deps test lint demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(MAKE) --no-print-directory system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@# torchaudio's wheel pins another torch and ships a CUDA-built extension that cannot load
+	@# beside the CPU torch; its pure-Python parts (resample, kaldi fbank, transforms) work
+	@# without it, so install it without deps and drop the unloadable libraries.
+	$(PY) -m pip install -q --no-deps "$(TORCHAUDIO_SPEC)"
+	@if ! $(PY) -c "import torchaudio" 2>/dev/null; then \
+	  rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so; \
+	  $(PY) -c "import torchaudio.functional"; fi
+	$(PY) -m pip install -q -e ".[dev,wandb]"
+	touch $(STAMP)
+
+# Debian packages the synthetic-speech tests and the demo need.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt-get)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || { echo "apt-get install$$missing failed"; exit 1; }; \
+	  else \
+	    echo "missing system packages:$$missing -- install them with: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache logs outputs

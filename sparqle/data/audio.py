@@ -1,0 +1,55 @@
+"""Audio I/O shared by data_prep and the data pipeline: decode, downmix, resample."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class AudioError(ValueError):
+    """A clip that cannot be used; the message names the file or sample."""
+
+
+def to_mono_float(samples: np.ndarray) -> np.ndarray:
+    """(frames,) or (frames, channels) of any dtype -> (frames,) float32 in [-1, 1]."""
+    x = np.asarray(samples)
+    if x.ndim == 2:
+        x = x.mean(axis=1)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
+    return x.astype(np.float32, copy=False)
+
+
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr:
+        return samples
+    return soxr.resample(samples, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def load_audio(source: str | Path | bytes, target_sr: int, name: str | None = None) -> np.ndarray:
+    """Decode a file path or encoded bytes (WAV/FLAC/OGG/MP3) to mono float32 at target_sr.
+
+    Raises AudioError (never anything else) for unreadable, empty or non-finite audio.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        samples, sr = sf.read(handle, dtype="float32", always_2d=False)
+    except Exception as exc:  # soundfile raises several types for bad input
+        raise AudioError(f"{label}: cannot decode audio ({exc})") from exc
+    samples = to_mono_float(samples)
+    if samples.size == 0:
+        raise AudioError(f"{label}: empty audio")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{label}: audio holds NaN or Inf")
+    return resample(samples, sr, target_sr)
+
+
+def encode_flac(samples: np.ndarray, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()

@@ -1,0 +1,58 @@
+"""Which task each utterance trains on: transcribe, or translate where a translation exists."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sparqle.data.manifest import Utterance
+from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction
+
+
+@dataclass
+class TaskChoice:
+    task: str  # "transcribe" | "translate"
+    lang: str  # language of the target text
+    instruction: str
+    target: str
+
+
+def parse_task(spec: str) -> tuple[str, str | None]:
+    """'transcribe' or 'translate_de' / 'translate:de' -> (task, lang)."""
+    if spec == TRANSCRIBE or spec == "asr":
+        return TRANSCRIBE, None
+    for sep in ("_", ":"):
+        head, _, lang = spec.partition(sep)
+        if head == TRANSLATE and lang:
+            return TRANSLATE, lang
+    raise ValueError(f"task {spec!r}: expected 'transcribe' or 'translate_LANG' (e.g. translate_de)")
+
+
+class TaskSampler:
+    """Weights over task specs, e.g. {"transcribe": 1.0, "translate_de": 0.5}.
+
+    For each utterance the specs it can serve (a translation must exist) are drawn by weight;
+    with `rng=None` the highest-weight spec is taken (evaluation).
+    """
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        if not weights:
+            raise ValueError("data.tasks is empty: give at least {transcribe: 1.0}")
+        self.specs = [(parse_task(k), float(v)) for k, v in weights.items() if float(v) > 0]
+
+    def choose(self, utt: Utterance, rng: random.Random | None) -> TaskChoice | None:
+        options = [
+            ((task, lang), w)
+            for (task, lang), w in self.specs
+            if task == TRANSCRIBE or (lang in utt.translation and utt.translation[lang].strip())
+        ]
+        if not options:
+            return None
+        if rng is None:
+            (task, lang), _ = max(options, key=lambda o: o[1])
+        else:
+            (task, lang), _ = rng.choices(options, weights=[w for _, w in options])[0]
+        if task == TRANSCRIBE:
+            return TaskChoice(TRANSCRIBE, utt.lang, instruction(TRANSCRIBE, rng=rng), utt.text)
+        return TaskChoice(TRANSLATE, lang, instruction(TRANSLATE, lang, rng=rng), utt.translation[lang])

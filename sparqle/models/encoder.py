@@ -1,0 +1,187 @@
+"""Frozen (or trainable) speech encoder from any transformers speech model.
+
+Convention used everywhere downstream: features (B, T, D) and `mask` (B, T) bool,
+True = a real frame, False = padding. Waveform normalisation follows the model's own
+feature-extractor config and runs here, so training and inference cannot differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+WHISPER_TYPES = ("whisper",)
+SSL_TYPES = (
+    "hubert",
+    "wav2vec2",
+    "wavlm",
+    "data2vec-audio",
+    "wav2vec2-conformer",
+    "sew",
+    "unispeech",
+)
+
+
+@dataclass
+class EncoderOutput:
+    features: torch.Tensor  # (B, T, D)
+    mask: torch.Tensor  # (B, T) bool, True = real frame
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    max_len = int(lengths.max()) if max_len is None else max_len
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class SpeechEncoder(nn.Module):
+    """Wraps a transformers speech model; `layer` is "last", an int index, or "weighted"."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        layer: str | int = "last",
+        frozen: bool = True,
+        dtype: str = "float32",
+        sample_rate: int = 16000,
+    ) -> None:
+        super().__init__()
+        self.name_or_path = name_or_path
+        config = AutoConfig.from_pretrained(name_or_path)
+        self.model_type = config.model_type
+        torch_dtype = getattr(torch, dtype)
+        if self.model_type in WHISPER_TYPES:
+            full = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype)
+            self.model = full.get_encoder()
+            del full
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path)
+            self.normalize = False
+        elif self.model_type in SSL_TYPES:
+            self.model = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype)
+            try:
+                fe = AutoFeatureExtractor.from_pretrained(name_or_path)
+                self.normalize = bool(getattr(fe, "do_normalize", True))
+            except OSError:
+                # No preprocessor_config.json: wav2vec2-family models expect normalised input.
+                self.normalize = True
+            self.feature_extractor = None
+            # Group-norm feature extractors (base models) normalise over time, so padding would
+            # leak into real frames; those are encoded one utterance at a time.
+            self.per_utterance = getattr(config, "feat_extract_norm", "layer") == "group"
+        else:
+            raise ValueError(
+                f"encoder.name_or_path={name_or_path}: model type {self.model_type!r} is not a "
+                f"supported speech encoder ({', '.join(SSL_TYPES + WHISPER_TYPES)})"
+            )
+        self.sample_rate = sample_rate
+        expected_sr = getattr(self.feature_extractor, "sampling_rate", None)
+        if expected_sr is not None and expected_sr != sample_rate:
+            raise ValueError(
+                f"encoder.sample_rate={sample_rate} but {name_or_path} expects {expected_sr} Hz"
+            )
+        self.hidden_size = (
+            config.d_model if self.model_type in WHISPER_TYPES else config.hidden_size
+        )
+        num_states = config.num_hidden_layers + 1
+        self.frozen = frozen
+        if layer == "last":
+            self.layer: int | str = "last"
+        elif layer == "weighted":
+            self.layer = "weighted"
+            self.layer_weights = nn.Parameter(torch.zeros(num_states))
+        else:
+            idx = int(layer)
+            if not -num_states <= idx < num_states:
+                raise ValueError(f"encoder.layer={layer}: model has {num_states} hidden states")
+            self.layer = idx
+        if frozen:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> SpeechEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()  # no dropout or masking in a frozen encoder
+        return self
+
+    @property
+    def frame_rate(self) -> float:
+        if self.model_type in WHISPER_TYPES:
+            return self.sample_rate / (self.feature_extractor.hop_length * 2)
+        return self.sample_rate / self._total_stride()
+
+    def _total_stride(self) -> int:
+        stride = 1
+        for s in self.model.config.conv_stride:
+            stride *= s
+        return stride
+
+    def output_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        if self.model_type in WHISPER_TYPES:
+            hop = self.feature_extractor.hop_length
+            frames = torch.div(audio_lens, hop, rounding_mode="floor")
+            return torch.div(frames - 1, 2, rounding_mode="floor") + 1
+        return self.model._get_feat_extract_output_lengths(audio_lens).long()
+
+    def normalize_waveform(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
+        """Zero mean, unit variance over each utterance's real samples; padding stays 0."""
+        mask = lengths_to_mask(audio_lens, audio.shape[1]).to(audio.dtype)
+        n = audio_lens.clamp(min=1).to(audio.dtype)[:, None]
+        mean = (audio * mask).sum(1, keepdim=True) / n
+        var = (((audio - mean) * mask) ** 2).sum(1, keepdim=True) / n
+        return (audio - mean) / torch.sqrt(var + 1e-7) * mask
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
+        """audio (B, S) float at `sample_rate`, zero-padded; audio_lens (B,) in samples."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.model_type in WHISPER_TYPES:
+                states, lengths = self._whisper(audio, audio_lens)
+            else:
+                states, lengths = self._ssl(audio, audio_lens)
+        if self.layer == "last":
+            features = states[-1]
+        elif self.layer == "weighted":
+            w = torch.softmax(self.layer_weights, 0).to(states[0].dtype)
+            features = sum(w[i] * s for i, s in enumerate(states))
+        else:
+            features = states[self.layer]
+        mask = lengths_to_mask(lengths, features.shape[1])
+        return EncoderOutput(features=features * mask[..., None].to(features.dtype), mask=mask)
+
+    def _run(self, **kwargs) -> tuple[torch.Tensor, ...]:
+        want_all = self.layer != "last"
+        out = self.model(**kwargs, output_hidden_states=want_all)
+        return tuple(out.hidden_states) if want_all else (out.last_hidden_state,)
+
+    def _ssl(self, audio: torch.Tensor, audio_lens: torch.Tensor):
+        dtype = next(self.model.parameters()).dtype
+        if self.normalize:
+            audio = self.normalize_waveform(audio.float(), audio_lens)
+        lengths = self.output_lengths(audio_lens)
+        if self.per_utterance:
+            per = [
+                self._run(input_values=audio[i : i + 1, : audio_lens[i]].to(dtype))
+                for i in range(len(audio))
+            ]
+            t_max = int(lengths.max())
+            states = tuple(
+                torch.cat([nn.functional.pad(p[k], (0, 0, 0, t_max - p[k].shape[1])) for p in per])
+                for k in range(len(per[0]))
+            )
+            return states, lengths
+        attn = lengths_to_mask(audio_lens, audio.shape[1]).long()
+        states = self._run(input_values=audio.to(dtype), attention_mask=attn)
+        return states, lengths
+
+    def _whisper(self, audio: torch.Tensor, audio_lens: torch.Tensor):
+        # Whisper always sees its native 30-s window, so each utterance is padded alike and
+        # a batch gives the same frames as one utterance alone.
+        waves = [a[: int(n)].float().cpu().numpy() for a, n in zip(audio, audio_lens, strict=True)]
+        feats = self.feature_extractor(
+            waves, sampling_rate=self.sample_rate, return_tensors="pt", padding="max_length"
+        ).input_features
+        dtype = next(self.model.parameters()).dtype
+        states = self._run(input_features=feats.to(audio.device, dtype))
+        return states, self.output_lengths(audio_lens).clamp(max=states[-1].shape[1])

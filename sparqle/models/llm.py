@@ -1,0 +1,169 @@
+"""The frozen causal LLM, its tokenizer, and the one prompt builder used everywhere.
+
+Prompt (inside the tokenizer's chat template when it has one):
+    user: "<Speech>{speech embeddings}</Speech> {instruction}"   assistant: "{target}{eos}"
+Labels are -100 everywhere except the target tokens and the end token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+SPEECH_PLACEHOLDER = "<|speech|>"
+SPEECH_SLOT = -1  # token_ids value at positions filled with speech embeddings
+PAD_SLOT = -2  # token_ids value at padding positions
+
+
+@dataclass
+class LLMInputs:
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L) long
+    token_ids: torch.Tensor  # (B, L) with SPEECH_SLOT / PAD_SLOT markers
+    labels: torch.Tensor | None  # (B, L), -100 outside target + eos
+    prompt_lengths: list[int]
+
+
+class LLM(nn.Module):
+    def __init__(
+        self,
+        name_or_path: str,
+        dtype: str = "float32",
+        frozen: bool = True,
+        lora: dict | None = None,
+        use_chat_template: bool = True,
+        system_prompt: str | None = None,
+        speech_begin: str = "<Speech>",
+        speech_end: str = "</Speech>",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.name_or_path = name_or_path
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        self.frozen = frozen
+        if frozen:
+            self.model.requires_grad_(False)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.lora = bool(lora)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        self.use_chat_template = use_chat_template and self.tokenizer.chat_template is not None
+        self.system_prompt = system_prompt
+        self.speech_begin, self.speech_end = speech_begin, speech_end
+        self.hidden_size = self.model.config.hidden_size
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def train(self, mode: bool = True) -> LLM:
+        super().train(mode)
+        if self.frozen and not self.lora:
+            self.model.eval()
+        return self
+
+    def render_prompt(self, instruction: str) -> str:
+        """The prompt text up to where the answer starts, with SPEECH_PLACEHOLDER for the speech."""
+        user = f"{self.speech_begin}{SPEECH_PLACEHOLDER}{self.speech_end} {instruction}"
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": user}]
+            if self.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        bos = self.tokenizer.bos_token or ""
+        return f"{bos}{user}\n"
+
+    def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the speech slot; cached, since instructions repeat."""
+        if instruction not in self._prompt_cache:
+            before, after = self.render_prompt(instruction).split(SPEECH_PLACEHOLDER)
+            enc = self.tokenizer([before, after], add_special_tokens=False).input_ids
+            self._prompt_cache[instruction] = (enc[0], enc[1])
+        return self._prompt_cache[instruction]
+
+    def target_ids(self, targets: list[str]) -> list[list[int]]:
+        return [
+            ids + [self.eos_token_id]
+            for ids in self.tokenizer(targets, add_special_tokens=False).input_ids
+        ]
+
+    def build_inputs(
+        self,
+        speech: torch.Tensor,
+        speech_mask: torch.Tensor,
+        instructions: list[str],
+        targets: list[str] | None = None,
+        pad_left: bool = False,
+    ) -> LLMInputs:
+        """Splice speech embeddings (B, N, H) into the prompts; with targets, add labels.
+
+        Training pads right; generation pads left so every prompt ends at the last position.
+        """
+        n_speech = speech_mask.sum(1).tolist()
+        tgt = self.target_ids(targets) if targets is not None else [[] for _ in instructions]
+        rows, prompt_lengths = [], []
+        for instr, n, t in zip(instructions, n_speech, tgt, strict=True):
+            before, after = self.prompt_ids(instr)
+            prompt = before + [SPEECH_SLOT] * int(n) + after
+            prompt_lengths.append(len(prompt))
+            rows.append(prompt + t)
+        width = max(map(len, rows))
+        token_ids = torch.full((len(rows), width), PAD_SLOT, dtype=torch.long)
+        labels = torch.full_like(token_ids, -100) if targets is not None else None
+        for i, (row, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
+            start = width - len(row) if pad_left else 0
+            token_ids[i, start : start + len(row)] = torch.tensor(row)
+            if labels is not None:
+                labels[i, start + p : start + len(row)] = torch.tensor(row[p:])
+        device = speech.device
+        token_ids = token_ids.to(device)
+        is_speech = token_ids == SPEECH_SLOT
+        embed = self.model.get_input_embeddings()
+        ids = torch.where(token_ids >= 0, token_ids, self.tokenizer.pad_token_id)
+        embeds = embed(ids)
+        embeds = embeds.masked_scatter(is_speech[..., None], speech[speech_mask].to(embeds.dtype))
+        return LLMInputs(
+            inputs_embeds=embeds,
+            attention_mask=(token_ids != PAD_SLOT).long(),
+            token_ids=token_ids,
+            labels=None if labels is None else labels.to(device),
+            prompt_lengths=prompt_lengths,
+        )
+
+    def forward(self, inputs: LLMInputs) -> torch.Tensor:
+        """Mean next-token loss over target tokens."""
+        out = self.model(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            labels=inputs.labels,
+        )
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, inputs: LLMInputs, max_new_tokens: int = 128, **kwargs) -> list[str]:
+        eos = {self.eos_token_id}
+        cfg_eos = self.model.generation_config.eos_token_id
+        eos |= set(
+            cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else []
+        )
+        kwargs.setdefault("do_sample", False)
+        out = self.model.generate(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos),
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

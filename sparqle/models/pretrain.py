@@ -1,0 +1,191 @@
+"""Stage 1: BLIP-2's three Q-Former losses on speech-transcript pairs.
+
+- ITC: contrastive, 256-d projections, max over queries, learnable temperature,
+  negatives gathered from every rank (gradient flows through the local part).
+- ITM: binary matching on query outputs, hard negatives drawn from the ITC similarities.
+- ITG: transcript generation from the queries, `[DEC]` first, causal text mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+from sparqle.models.qformer import SpeechQFormer
+
+DEC_TOKEN = "[DEC]"
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (batch sizes may differ) and this rank's offset; grads reach the local rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0])).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [p[:n] for p, n in zip(parts, sizes, strict=True)]
+    parts[rank] = x
+    return torch.cat(parts), sum(sizes[:rank])
+
+
+def generation_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Nq+L, Nq+L) bool: queries see queries; text sees all queries and earlier text."""
+    b, length = text_mask.shape
+    total = num_queries + length
+    mask = torch.zeros(b, 1, total, total, dtype=torch.bool, device=text_mask.device)
+    mask[:, :, :, :num_queries] = True
+    causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
+    mask[:, 0, num_queries:, num_queries:] = causal[None] & text_mask.bool()[:, None, :]
+    return mask
+
+
+class SpeechTextPretrainer(nn.Module):
+    """The stage-1 heads. The Q-Former itself is passed in, so it is owned (and saved) once."""
+
+    def __init__(
+        self,
+        qformer: SpeechQFormer,
+        tokenizer: str,
+        embed_dim: int = 256,
+        temperature: float = 0.07,
+        max_text_tokens: int = 64,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+        self.dec_token_id = self.tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+        if self.dec_token_id != qformer.bert_vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer} has {self.dec_token_id} tokens but the Q-Former's BERT "
+                f"vocabulary has {qformer.bert_vocab_size}: use the tokenizer of adapter.bert"
+            )
+        h = qformer.hidden_size
+        self.max_text_tokens = max_text_tokens
+        self.label_smoothing = label_smoothing
+        self.speech_proj = nn.Linear(h, embed_dim)
+        self.text_proj = nn.Linear(h, embed_dim)
+        self.itm_head = nn.Linear(h, 2)
+        self.temp = nn.Parameter(torch.tensor(temperature))
+        self.lm_transform = BertPredictionHeadTransform(qformer.config)
+        self.lm_bias = nn.Parameter(torch.zeros(qformer.config.vocab_size))
+
+    @torch.no_grad()
+    def load_bert_lm_head(self, path: str) -> bool:
+        """Initialise the ITG head from the BERT checkpoint's MLM head, if it has one."""
+        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        if any(k.startswith("cls.predictions.transform") for k in info["missing_keys"]):
+            return False
+        head = mlm.cls.predictions
+        self.lm_transform.load_state_dict(head.transform.state_dict())
+        bias = head.decoder.bias if head.decoder.bias is not None else head.bias
+        self.lm_bias[: bias.shape[0]].copy_(bias)
+        return True
+
+    def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        )
+        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def forward(
+        self, qformer: SpeechQFormer, features: torch.Tensor, mask: torch.Tensor, texts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        text = self.tokenize(texts, features.device)
+        ids, text_mask = text["input_ids"], text["attention_mask"]
+        b, nq = features.shape[0], qformer.num_queries
+
+        # ITC
+        query_out = qformer(features, mask)
+        speech_feat = F.normalize(self.speech_proj(query_out), dim=-1)  # (B, Nq, E)
+        text_out = qformer.encode_text(ids, text_mask)
+        text_feat = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # (B, E)
+        all_speech, offset = gather_with_grad(speech_feat)
+        all_text, _ = gather_with_grad(text_feat)
+        sim_s2t = torch.einsum("bqe,ge->bqg", speech_feat, all_text).amax(1) / self.temp
+        sim_t2s = torch.einsum("be,gqe->bgq", text_feat, all_speech).amax(2) / self.temp
+        targets = torch.arange(b, device=features.device) + offset
+        itc = (
+            F.cross_entropy(sim_s2t, targets, label_smoothing=self.label_smoothing)
+            + F.cross_entropy(sim_t2s, targets, label_smoothing=self.label_smoothing)
+        ) / 2
+
+        # ITM with hard negatives from this rank's batch
+        itm = self._itm(qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset)
+
+        # ITG
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = self.dec_token_id
+        gen_mask = generation_mask(nq, text_mask)
+        gen_out = qformer(features, mask, input_ids=dec_ids, attention_mask=gen_mask)[:, nq:]
+        word_emb = qformer.embeddings.word_embeddings.weight
+        logits = F.linear(self.lm_transform(gen_out), word_emb, self.lm_bias)
+        labels = dec_ids.masked_fill(text_mask == 0, -100)
+        itg = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.label_smoothing,
+        )
+        return {
+            "itc": itc,
+            "itm": itm,
+            "itg": itg,
+            "loss": itc + itm + itg,
+            "sim_s2t": sim_s2t.detach(),
+        }
+
+    def _itm(
+        self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset
+    ) -> torch.Tensor:
+        b = features.shape[0]
+        if b < 2:
+            return features.new_zeros(())
+        with torch.no_grad():
+            local = slice(offset, offset + b)
+            # Pairs with the same transcript are not negatives.
+            same = (
+                (ids[:, None, :] == ids[None, :, :]).all(-1)
+                if ids.shape[1]
+                else torch.eye(b, dtype=torch.bool)
+            )
+            w_s2t = F.softmax(sim_s2t[:, local].float(), dim=1).masked_fill(same, 0) + 1e-9
+            w_t2s = F.softmax(sim_t2s[:, local].float(), dim=1).masked_fill(same, 0) + 1e-9
+            w_s2t.masked_fill_(torch.eye(b, dtype=torch.bool, device=ids.device), 0)
+            w_t2s.masked_fill_(torch.eye(b, dtype=torch.bool, device=ids.device), 0)
+            neg_text = torch.multinomial(w_s2t, 1).squeeze(
+                1
+            )  # for each speech, a hard negative text
+            neg_speech = torch.multinomial(w_t2s, 1).squeeze(
+                1
+            )  # for each text, a hard negative speech
+        speech_all = torch.cat([features, features[neg_speech], features])
+        mask_all = torch.cat([mask, mask[neg_speech], mask])
+        ids_all = torch.cat([ids, ids, ids[neg_text]])
+        text_mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text]])
+        query_mask = torch.ones(
+            3 * b, qformer.num_queries, dtype=text_mask.dtype, device=ids.device
+        )
+        out = qformer(
+            speech_all,
+            mask_all,
+            input_ids=ids_all,
+            attention_mask=torch.cat([query_mask, text_mask_all], 1),
+        )
+        logits = self.itm_head(out[:, : qformer.num_queries]).mean(1)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
+        return F.cross_entropy(logits.float(), labels)

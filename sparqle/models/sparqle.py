@@ -1,0 +1,47 @@
+"""The composed model: speech encoder -> adapter -> LLM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparqle.models.encoder import SpeechEncoder
+from sparqle.models.llm import LLM
+
+
+class SparQLe(nn.Module):
+    """`llm` is None in stage 1, where only the encoder and the adapter's Q-Former are used."""
+
+    def __init__(self, encoder: SpeechEncoder, adapter: nn.Module, llm: LLM | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.adapter = adapter
+        self.llm = llm
+
+    def embed_speech(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.encoder(audio, audio_lens)
+        return self.adapter(enc.features, enc.mask)
+
+    def forward(
+        self,
+        audio: torch.Tensor,
+        audio_lens: torch.Tensor,
+        instructions: list[str],
+        targets: list[str],
+    ) -> torch.Tensor:
+        speech, mask = self.embed_speech(audio, audio_lens)
+        return self.llm(self.llm.build_inputs(speech, mask, instructions, targets))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        audio: torch.Tensor,
+        audio_lens: torch.Tensor,
+        instructions: list[str],
+        **generate_kwargs,
+    ) -> list[str]:
+        speech, mask = self.embed_speech(audio, audio_lens)
+        inputs = self.llm.build_inputs(speech, mask, instructions, pad_left=True)
+        return self.llm.generate(inputs, **generate_kwargs)

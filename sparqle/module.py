@@ -1,0 +1,227 @@
+"""The LightningModule: builds the model for a stage, trains it, validates it, checkpoints it.
+
+Stages:
+- pretrain: encoder (frozen) + Q-Former trained with ITC + ITM + ITG; no LLM is loaded.
+- instruct: encoder (frozen) + adapter (+ LoRA) trained with the frozen LLM's next-token loss.
+
+Checkpoints hold only the trainable parameters; the frozen encoder and LLM are rebuilt
+from their `name_or_path` in the saved config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from transformers import AutoConfig, get_cosine_with_min_lr_schedule_with_warmup
+
+from sparqle import metrics
+from sparqle.models.adapters import QFormerAdapter
+from sparqle.models.pretrain import SpeechTextPretrainer
+from sparqle.models.sparqle import SparQLe
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "instruct")
+_NO_DECAY = ("bias", "norm", "LayerNorm", "layernorm", "query_tokens", "temp", "layer_weights")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the configured model; the message names the parameters."""
+
+
+class SparQLeModule(L.LightningModule):
+    def __init__(
+        self,
+        stage: dict[str, Any],
+        encoder: dict[str, Any],
+        adapter: dict[str, Any],
+        llm: dict[str, Any],
+        generation: dict[str, Any] | None = None,
+        val_decode_batches: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.stage = stage["name"]
+        if self.stage not in STAGES:
+            raise ValueError(f"stage.name={self.stage!r}: expected one of {', '.join(STAGES)}")
+        self.optim_cfg = dict(stage.get("optim", {}))
+        self.generation = dict(generation or {})
+        self.val_decode_batches = val_decode_batches
+        self.strict_loading = (
+            False  # checkpoints hold trainable weights only; see on_load_checkpoint
+        )
+
+        enc = instantiate(encoder)
+        if self.stage == "pretrain":
+            llm_module = None
+            llm_dim = AutoConfig.from_pretrained(llm["name_or_path"]).hidden_size
+        else:
+            llm_module = instantiate(llm)
+            llm_dim = llm_module.hidden_size
+        ada = instantiate(
+            adapter, encoder_dim=enc.hidden_size, llm_dim=llm_dim, frame_rate=enc.frame_rate
+        )
+        self.model = SparQLe(enc, ada, llm_module)
+        self.heads: SpeechTextPretrainer | None = None
+        if self.stage == "pretrain":
+            if not isinstance(ada, QFormerAdapter):
+                raise ValueError(
+                    f"stage=pretrain trains a Q-Former; adapter={type(ada).__name__} has none"
+                )
+            if adapter.get("bert") is None:
+                raise ValueError(
+                    "stage=pretrain needs adapter.bert: its tokenizer encodes the transcripts"
+                )
+            opts = dict(stage.get("pretrain", {}))
+            self.heads = SpeechTextPretrainer(ada.qformer, adapter["bert"], **opts)
+            self.heads.load_bert_lm_head(adapter["bert"])
+            ada.proj.requires_grad_(False)  # the projection to the LLM is trained in stage 2
+        elif isinstance(getattr(ada, "qformer", None), torch.nn.Module):
+            for (
+                p
+            ) in ada.qformer.text_parameters():  # text positions are unused without stage-1 losses
+                p.requires_grad_(False)
+        if stage.get("init_from"):
+            self.load_adapter_from(stage["init_from"])
+
+    # ----------------------------------------------------------------- parameters and checkpoints
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def load_adapter_from(self, path: str) -> None:
+        """Initialise the adapter from another checkpoint (e.g. stage 1); other weights are ignored."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict", ckpt)
+        wanted = {k: v for k, v in state.items() if k.startswith("model.adapter.")}
+        if not wanted:
+            raise CheckpointMismatch(
+                f"stage.init_from={path}: no adapter weights in this checkpoint"
+            )
+        own = self.state_dict()
+        bad = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise CheckpointMismatch(
+                f"stage.init_from={path}: adapter weights do not fit this model ({len(bad)} tensors, "
+                f"first: {bad[0]}); was it trained with another encoder or adapter config?"
+            )
+        self.load_state_dict(wanted, strict=False)
+        log.info("initialised %d adapter tensors from %s", len(wanted), path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["sparqle_trainable"] = sorted(keep)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        unexpected = [k for k in state if k not in own]
+        mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+        missing = [k for k in self.trainable_names() if k not in state]
+        for what, keys in (
+            ("unknown", unexpected),
+            ("wrongly shaped", mismatched),
+            ("missing", missing),
+        ):
+            if keys:
+                raise CheckpointMismatch(
+                    f"checkpoint does not fit this model: {len(keys)} {what} tensors (first: {keys[0]}); "
+                    "it was trained with another stage, encoder, adapter or LLM config"
+                )
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.get("weight_decay", 0.05)},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.get("lr", 1e-4),
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=min(cfg.get("warmup_steps", 0), total),
+            num_training_steps=total,
+            min_lr_rate=cfg.get("min_lr_ratio", 0.1),
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ----------------------------------------------------------------- steps
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.stage == "pretrain":
+            enc = self.model.encoder(batch["audio"], batch["audio_lens"])
+            return self.heads(self.model.adapter.qformer, enc.features, enc.mask, batch["text"])
+        loss = self.model(
+            batch["audio"], batch["audio_lens"], batch["instruction"], batch["target"]
+        )
+        return {"loss": loss}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        bs = len(batch["id"])
+        self.log(
+            "train/skipped",
+            float(batch["num_skipped"]),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+        )
+        if bs == 0:
+            return None
+        out = self._losses(batch)
+        for k in ("loss", "itc", "itm", "itg"):
+            if k in out:
+                self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=bs)
+        if self.heads is not None:
+            self.log("train/temperature", self.heads.temp.detach(), batch_size=bs)
+        return out["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = defaultdict(list)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        bs = len(batch["id"])
+        if bs == 0:
+            return
+        out = self._losses(batch)
+        for k in ("loss", "itc", "itm", "itg"):
+            if k in out:
+                self.log(f"val/{k}", out[k], prog_bar=k == "loss", batch_size=bs, sync_dist=True)
+        if self.stage == "pretrain":
+            hits = (out["sim_s2t"].argmax(1) == torch.arange(bs, device=self.device)).float().mean()
+            self.log("val/r_at_1_in_batch", hits, batch_size=bs, sync_dist=True)
+        elif batch_idx < self.val_decode_batches:
+            hyps = self.model.generate(
+                batch["audio"], batch["audio_lens"], batch["instruction"], **self.generation
+            )
+            for i, hyp in enumerate(hyps):
+                key = (
+                    batch["task"][i]
+                    if batch["task"][i] == "transcribe"
+                    else f"translate_{batch['lang'][i]}"
+                )
+                self._val[key].append((batch["id"][i], batch["target"][i], hyp))
+
+    def on_validation_epoch_end(self) -> None:
+        for key, rows in getattr(self, "_val", {}).items():
+            refs, hyps = [r[1] for r in rows], [r[2] for r in rows]
+            if key == "transcribe":
+                self.log("val/wer", metrics.word_error_rate(refs, hyps)["wer"])
+            else:
+                self.log(f"val/bleu_{key.split('_', 1)[1]}", metrics.bleu(refs, hyps).score)
+            for uid, ref, hyp in rows[:3]:
+                log.info("[%s] %s | ref: %s | hyp: %s", key, uid, ref, hyp)

@@ -1,0 +1,56 @@
+"""Train SparQLe: `python train.py [stage=...] [encoder=...] [experiment=...] [key=value ...]`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sparqle.config import module_kwargs  # noqa: E402  (registers resolvers)
+from sparqle.data.manifest import ManifestError  # noqa: E402
+from sparqle.module import CheckpointMismatch, SparQLeModule  # noqa: E402
+
+log = logging.getLogger("sparqle.train")
+USER_ERRORS = (ManifestError, CheckpointMismatch, FileNotFoundError, ValueError)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = SparQLeModule(**module_kwargs(cfg))
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in module.parameters())
+    log.info(
+        "stage=%s: %.2fM of %.2fM parameters trainable", cfg.stage.name, n_train / 1e6, n_all / 1e6
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.get("test"):
+        trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except USER_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s", type(exc).__name__, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
