@@ -56,3 +56,16 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .cache logs outputs
+
+DEMO_DIR ?= data/demo
+# The whole pipeline on tiny random models: speech synthesis -> stage 1 -> stage 2.
+demo: setup
+	$(PY) -m data_prep.synth_speech --out $(DEMO_DIR) --n 96 --seed 0 --val-fraction 0.25
+	$(PY) train.py experiment=tiny stage=pretrain task_name=demo_pretrain \
+	  data.train_manifest=$(DEMO_DIR)/train.jsonl data.val_manifest=$(DEMO_DIR)/val.jsonl \
+	  hydra.run.dir=logs/demo/pretrain trainer.max_steps=60 trainer.val_check_interval=30
+	$(PY) train.py experiment=tiny stage=instruct task_name=demo_instruct \
+	  data.train_manifest=$(DEMO_DIR)/train.jsonl data.val_manifest=$(DEMO_DIR)/val.jsonl \
+	  stage.init_from=logs/demo/pretrain/checkpoints/last.ckpt \
+	  hydra.run.dir=logs/demo/instruct trainer.max_steps=60 trainer.val_check_interval=30
+	@echo "demo: checkpoints and logs under logs/demo/"

@@ -79,7 +79,7 @@ class Sentence:
     fr: str
 
 
-def _noun_phrase(noun: tuple, adj: tuple | None, case: str) -> tuple[str, str, str]:
+def noun_phrase(noun: tuple, adj: tuple | None, case: str) -> tuple[str, str, str]:
     en_n, de_n, de_g, fr_n, fr_g = noun
     article = DE_ARTICLE[(case, de_g)]
     fr_article = "le" if fr_g == "m" else "la"
@@ -99,14 +99,14 @@ def _finish(en: str, de: str, fr: str) -> Sentence:
 
 
 def sample_sentence(rng: random.Random) -> Sentence:
-    subj = _noun_phrase(rng.choice(SUBJECTS), rng.choice([None, *ADJECTIVES]), "nom")
+    subj = noun_phrase(rng.choice(SUBJECTS), rng.choice([None, *ADJECTIVES]), "nom")
     adverb = rng.choice([None, *ADVERBS])
     if rng.random() < 0.4:
         verb = rng.choice(INTRANSITIVE)
         en, de, fr = f"{subj[0]} {verb[0]}", f"{subj[1]} {verb[1]}", f"{subj[2]} {verb[2]}"
     else:
         verb = rng.choice(TRANSITIVE)
-        obj = _noun_phrase(rng.choice(OBJECTS), rng.choice([None, *ADJECTIVES]), "acc")
+        obj = noun_phrase(rng.choice(OBJECTS), rng.choice([None, *ADJECTIVES]), "acc")
         en = f"{subj[0]} {verb[0]} {obj[0]}"
         de = f"{subj[1]} {verb[1]} {obj[1]}"
         fr = f"{subj[2]} {verb[2]} {obj[2]}"

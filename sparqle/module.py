@@ -4,8 +4,8 @@ Stages:
 - pretrain: encoder (frozen) + Q-Former trained with ITC + ITM + ITG; no LLM is loaded.
 - instruct: encoder (frozen) + adapter (+ LoRA) trained with the frozen LLM's next-token loss.
 
-Checkpoints hold only the trainable parameters; the frozen encoder and LLM are rebuilt
-from their `name_or_path` in the saved config.
+Checkpoints hold the trainable parameters (and the adapter's few frozen ones), never the
+frozen encoder and LLM, which are rebuilt from their `name_or_path` in the saved config.
 """
 
 from __future__ import annotations
@@ -93,6 +93,16 @@ class SparQLeModule(L.LightningModule):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    def checkpoint_names(self) -> list[str]:
+        """Everything but the frozen pretrained encoder and LLM, which load from name_or_path.
+
+        Frozen-but-new tensors (the stage-1 projection, Q-Former text parts in stage 2) are kept
+        so a restored model is exactly the saved one.
+        """
+        trainable = set(self.trainable_names())
+        pretrained = ("model.encoder.model.", "model.llm.model.")
+        return [k for k in self.state_dict() if k in trainable or not k.startswith(pretrained)]
+
     def load_adapter_from(self, path: str) -> None:
         """Initialise the adapter from another checkpoint (e.g. stage 1); other weights are ignored."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,16 +123,15 @@ class SparQLeModule(L.LightningModule):
         log.info("initialised %d adapter tensors from %s", len(wanted), path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = set(self.trainable_names())
+        keep = set(self.checkpoint_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["sparqle_trainable"] = sorted(keep)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         own = self.state_dict()
         unexpected = [k for k in state if k not in own]
         mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-        missing = [k for k in self.trainable_names() if k not in state]
+        missing = [k for k in self.checkpoint_names() if k not in state]
         for what, keys in (
             ("unknown", unexpected),
             ("wrongly shaped", mismatched),

@@ -26,7 +26,9 @@ def parse_task(spec: str) -> tuple[str, str | None]:
         head, _, lang = spec.partition(sep)
         if head == TRANSLATE and lang:
             return TRANSLATE, lang
-    raise ValueError(f"task {spec!r}: expected 'transcribe' or 'translate_LANG' (e.g. translate_de)")
+    raise ValueError(
+        f"task {spec!r}: expected 'transcribe' or 'translate_LANG' (e.g. translate_de)"
+    )
 
 
 class TaskSampler:
@@ -55,4 +57,6 @@ class TaskSampler:
             (task, lang), _ = rng.choices(options, weights=[w for _, w in options])[0]
         if task == TRANSCRIBE:
             return TaskChoice(TRANSCRIBE, utt.lang, instruction(TRANSCRIBE, rng=rng), utt.text)
-        return TaskChoice(TRANSLATE, lang, instruction(TRANSLATE, lang, rng=rng), utt.translation[lang])
+        return TaskChoice(
+            TRANSLATE, lang, instruction(TRANSLATE, lang, rng=rng), utt.translation[lang]
+        )

@@ -67,9 +67,13 @@ class SpeechEncoder(nn.Module):
                 # No preprocessor_config.json: wav2vec2-family models expect normalised input.
                 self.normalize = True
             self.feature_extractor = None
-            # Group-norm feature extractors (base models) normalise over time, so padding would
-            # leak into real frames; those are encoded one utterance at a time.
-            self.per_utterance = getattr(config, "feat_extract_norm", "layer") == "group"
+            # Padding leaks into real frames where the conv front end uses group norm (base
+            # models normalise over time) or positional convs are stacked (data2vec-audio):
+            # those models encode one utterance at a time, so a batch equals its parts.
+            self.per_utterance = (
+                getattr(config, "feat_extract_norm", "layer") == "group"
+                or self.model_type == "data2vec-audio"
+            )
         else:
             raise ValueError(
                 f"encoder.name_or_path={name_or_path}: model type {self.model_type!r} is not a "

@@ -22,19 +22,22 @@ from tokenizers import (
     trainers,
 )
 from transformers import (
+    AutoConfig,
+    AutoModel,
     BertConfig,
     BertForMaskedLM,
-    HubertConfig,
-    HubertModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Wav2Vec2FeatureExtractor,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperModel,
 )
 
 from sparqle.data.prompts import INSTRUCTIONS, LANGUAGE_NAMES
 
-KINDS = ("encoder", "bert", "llm")
+KINDS = ("encoder", "whisper", "bert", "llm")
 _VERSION = "1"  # bump when a tiny architecture changes, so caches rebuild
 
 # Enough text for tokenizers to learn the common English, German and French pieces.
@@ -126,8 +129,9 @@ def tiny_bert_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
 def build_tiny_encoder(
     out: Path, model_type: str = "hubert", feat_extract_norm: str = "layer"
 ) -> None:
-    """A 2-layer HuBERT-like model with the real 7-layer conv front end (320x, 50 frames/s)."""
-    config = HubertConfig(
+    """A 2-layer wav2vec2-family model with the real 7-layer conv front end (320x, 50 frames/s)."""
+    config = AutoConfig.for_model(
+        model_type,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -139,7 +143,7 @@ def build_tiny_encoder(
         num_conv_pos_embedding_groups=2,
         vocab_size=32,
     )
-    HubertModel(config).save_pretrained(out)
+    AutoModel.from_config(config).save_pretrained(out)
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=16000,
@@ -147,6 +151,31 @@ def build_tiny_encoder(
         do_normalize=True,
         return_attention_mask=True,
     ).save_pretrained(out)
+
+
+def build_tiny_whisper(out: Path) -> None:
+    """A 2+2-layer Whisper with the real 80-bin log-mel front end and 30-s window."""
+    config = WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        vocab_size=64,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    WhisperModel(config).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
 
 
 def build_tiny_bert(out: Path) -> None:
@@ -183,7 +212,12 @@ def build_tiny_llm(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-_BUILDERS = {"encoder": build_tiny_encoder, "bert": build_tiny_bert, "llm": build_tiny_llm}
+_BUILDERS = {
+    "encoder": build_tiny_encoder,
+    "whisper": build_tiny_whisper,
+    "bert": build_tiny_bert,
+    "llm": build_tiny_llm,
+}
 
 
 def ensure_tiny(kind: str, root: str | os.PathLike) -> str:

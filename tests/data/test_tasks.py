@@ -1,0 +1,39 @@
+import random
+
+import pytest
+
+from sparqle.data.manifest import Utterance
+from sparqle.data.prompts import INSTRUCTIONS, instruction
+from sparqle.data.tasks import TaskSampler, parse_task
+
+
+def test_parse_task():
+    assert parse_task("transcribe") == ("transcribe", None)
+    assert parse_task("translate_de") == ("translate", "de")
+    assert parse_task("translate:fr") == ("translate", "fr")
+    with pytest.raises(ValueError, match="translate_LANG"):
+        parse_task("summarise")
+
+
+def test_translation_drawn_only_where_it_exists():
+    sampler = TaskSampler({"transcribe": 1.0, "translate_de": 1.0})
+    with_de = Utterance(id="a", audio="a", text="The dog.", translation={"de": "Der Hund."})
+    without = Utterance(id="b", audio="b", text="The cat.")
+    rng = random.Random(0)
+    tasks = [sampler.choose(with_de, rng) for _ in range(200)]
+    de = [t for t in tasks if t.task == "translate"]
+    assert 60 < len(de) < 140
+    assert all(t.target == "Der Hund." and "German" in t.instruction for t in de)
+    assert all(sampler.choose(without, rng).task == "transcribe" for _ in range(50))
+
+
+def test_evaluation_is_deterministic_and_canonical():
+    sampler = TaskSampler({"translate_fr": 1.0})
+    utt = Utterance(id="a", audio="a", text="The dog.", translation={"fr": "Le chien."})
+    choice = sampler.choose(utt, None)
+    assert (
+        choice.instruction
+        == instruction("translate", "fr")
+        == INSTRUCTIONS["translate"][0].format(language="French")
+    )
+    assert sampler.choose(Utterance(id="b", audio="b", text="x"), None) is None

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from sparqle.models.encoder import SpeechEncoder, lengths_to_mask
+from sparqle.models.tiny import build_tiny_encoder
+
+
+def _batch(lengths):
+    audio = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        audio[i, :n] = torch.randn(n) * 0.1
+    return audio, torch.tensor(lengths)
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("encoders")
+    paths = {"hubert": tiny["encoder"], "whisper": tiny["whisper"]}
+    for name, kind, norm in [
+        ("wav2vec2", "wav2vec2", "layer"),
+        ("wavlm", "wavlm", "layer"),
+        ("data2vec-audio", "data2vec-audio", "layer"),
+        ("hubert-group-norm", "hubert", "group"),
+    ]:
+        build_tiny_encoder(root / name, kind, norm)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "name", ["hubert", "wav2vec2", "wavlm", "data2vec-audio", "hubert-group-norm", "whisper"]
+)
+def test_padded_batch_equals_each_utterance_alone(encoders, name):
+    enc = SpeechEncoder(encoders[name])
+    audio, lens = _batch([16000, 9000, 4000])
+    out = enc(audio, lens)
+    assert out.mask.dtype == torch.bool
+    expected_frames = (lens / 16000 * 50).floor().long()
+    assert (out.mask.sum(1) - expected_frames).abs().max() <= 1
+    for i, n in enumerate(lens.tolist()):
+        alone = enc(audio[i : i + 1, :n], lens[i : i + 1])
+        t = int(alone.mask.sum())
+        assert t == int(out.mask[i].sum())
+        torch.testing.assert_close(out.features[i, :t], alone.features[0, :t], atol=1e-4, rtol=1e-4)
+        assert out.features[i, t:].abs().sum() == 0  # padded frames are zeroed
+
+
+def test_normalisation_follows_feature_extractor_and_ignores_padding(encoders):
+    enc = SpeechEncoder(encoders["hubert"])
+    assert enc.normalize is True
+    audio, lens = _batch([8000, 3000])
+    audio = audio * 7 + 0.3 * lengths_to_mask(lens, audio.shape[1])
+    norm = enc.normalize_waveform(audio, lens)
+    for i, n in enumerate(lens.tolist()):
+        assert abs(norm[i, :n].mean().item()) < 1e-4
+        assert abs(norm[i, :n].std(unbiased=False).item() - 1) < 1e-3
+        assert norm[i, n:].abs().sum() == 0
+
+
+def test_layer_choice_and_frozen_weights(encoders):
+    audio, lens = _batch([8000, 6000])
+    last = SpeechEncoder(encoders["hubert"])
+    first = SpeechEncoder(encoders["hubert"], layer=0)
+    weighted = SpeechEncoder(encoders["hubert"], layer="weighted")
+    assert not torch.allclose(last(audio, lens).features, first(audio, lens).features)
+    out = weighted(audio, lens).features
+    out.sum().backward()
+    assert weighted.layer_weights.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in weighted.model.parameters())
+    weighted.train()
+    assert not weighted.model.training  # frozen encoder never drops out
+    with pytest.raises(ValueError, match="encoder.layer=9"):
+        SpeechEncoder(encoders["hubert"], layer=9)
+
+
+def test_unsupported_model_type_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="not a supported speech encoder"):
+        SpeechEncoder(tiny["llm"])

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sparqle.config import module_kwargs
+from sparqle.data.manifest_datamodule import ManifestDataModule
+from sparqle.module import CheckpointMismatch, SparQLeModule
+from tests.conftest import ROOT
+
+
+def make_cfg(tiny_dir, synth_data, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "experiment=tiny",
+                f"paths.cache_dir={tiny_dir}",
+                f"data.train_manifest={synth_data / 'train.jsonl'}",
+                f"data.val_manifest={synth_data / 'val.jsonl'}",
+                "paths.output_dir=/tmp/unused",
+                *overrides,
+            ],
+        )
+
+
+def make_module(tiny_dir, synth_data, *overrides):
+    return SparQLeModule(**module_kwargs(make_cfg(tiny_dir, synth_data, *overrides)))
+
+
+@pytest.fixture(scope="module")
+def batch(synth_data):
+    dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def _one_step(module, batch):
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    loss = module._losses(batch)["loss"]
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "stage, trainable_prefixes",
+    [
+        ("pretrain", ("model.adapter.qformer.", "heads.")),
+        ("instruct", ("model.adapter.",)),
+    ],
+)
+def test_a_step_changes_only_the_stage_trainable_weights(
+    tiny_dir, synth_data, batch, stage, trainable_prefixes
+):
+    module = make_module(tiny_dir, synth_data, f"stage={stage}")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainable = set(module.trainable_names())
+    assert trainable and all(k.startswith(trainable_prefixes) for k in trainable)
+    _one_step(module, batch)
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable
+    frozen = [k for k in before if k.startswith(("model.encoder.", "model.llm."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    if stage == "pretrain":
+        assert not any(k.startswith("model.adapter.proj") for k in trainable)
+    else:
+        assert any(k.startswith("model.adapter.proj") for k in changed)
+        assert not any(
+            ".embeddings." in k for k in trainable
+        )  # Q-Former text parts idle in stage 2
+
+
+def test_lora_adds_exactly_its_parameters(tiny_dir, synth_data):
+    plain = make_module(tiny_dir, synth_data, "stage=instruct")
+    lora = make_module(
+        tiny_dir,
+        synth_data,
+        "stage=instruct",
+        "llm.lora={r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}",
+    )
+    extra = set(lora.trainable_names()) - {
+        k.replace("model.llm.model.", "model.llm.model.base_model.model.")
+        for k in plain.trainable_names()
+    }
+    assert extra and all("lora_" in k for k in extra)
+    assert len(lora.trainable_names()) == len(plain.trainable_names()) + len(extra)
+
+
+def test_checkpoint_holds_trainable_weights_and_restores_exactly(
+    tiny_dir, synth_data, batch, tmp_path
+):
+    import lightning as L
+
+    module = make_module(tiny_dir, synth_data, "stage=instruct")
+    _one_step(module, batch)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    saved = set(ckpt["state_dict"])
+    assert set(module.trainable_names()) <= saved
+    assert not any(k.startswith(("model.encoder.model.", "model.llm.model.")) for k in saved)
+    assert all(k.startswith("model.adapter.") for k in saved)
+    assert ckpt["hyper_parameters"]["llm"]["name_or_path"].endswith("tiny-llm-v1")
+    restored = SparQLeModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, restored.state_dict()[k]), k
+
+    # a checkpoint from another adapter is refused with a message naming the mismatch
+    other = make_module(tiny_dir, synth_data, "stage=instruct", "adapter.num_queries=3")
+    with pytest.raises(CheckpointMismatch, match="wrongly shaped.*query_tokens"):
+        other.on_load_checkpoint(ckpt)
+
+
+def test_instruct_initialises_adapter_from_pretrain_checkpoint(
+    tiny_dir, synth_data, batch, tmp_path
+):
+    import lightning as L
+
+    pre = make_module(tiny_dir, synth_data, "stage=pretrain")
+    _one_step(pre, batch)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(pre)
+    trainer.save_checkpoint(tmp_path / "pre.ckpt")
+    inst = make_module(
+        tiny_dir, synth_data, "stage=instruct", f"stage.init_from={tmp_path / 'pre.ckpt'}"
+    )
+    q_pre = pre.model.adapter.qformer.state_dict()
+    q_inst = inst.model.adapter.qformer.state_dict()
+    assert all(torch.equal(q_pre[k], q_inst[k]) for k in q_pre)

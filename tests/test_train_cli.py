@@ -1,0 +1,78 @@
+"""train.py as users run it: a subprocess with Hydra overrides."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+
+def run_train(*overrides, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_tiny_run_finishes_and_writes_a_checkpoint(tiny_dir, synth_data, tmp_path, stage):
+    start = time.time()
+    proc = run_train(
+        "experiment=tiny",
+        f"stage={stage}",
+        "trainer.max_steps=20",
+        f"paths.cache_dir={tiny_dir}",
+        f"data.train_manifest={synth_data / 'train.jsonl'}",
+        f"data.val_manifest={synth_data / 'val.jsonl'}",
+        f"hydra.run.dir={tmp_path}",
+        "callbacks.progress_bar=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.time() - start < 120
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20
+    assert ckpt["hyper_parameters"]["stage"]["name"] == stage
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/loss" in metrics
+
+
+def test_paper_config_composes_offline():
+    proc = run_train("experiment=sparqle_paper", "--cfg", "job", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "facebook/hubert-large-ll60k" in out and "meta-llama/Meta-Llama-3-8B-Instruct" in out
+    assert "num_queries: 100" in out and "cross_attention_frequency: 2" in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("encoder=hubert_gigantic", "Could not find 'encoder/hubert_gigantic'"),
+        ("trainer.max_stepz=3", "Key 'max_stepz' is not in struct"),
+    ],
+)
+def test_bad_choice_or_key_fails_clearly(override, message):
+    proc = run_train(override, "--cfg", "job", timeout=60)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_missing_manifest_is_one_clear_line(tiny_dir, tmp_path):
+    proc = run_train(
+        "experiment=tiny",
+        f"paths.cache_dir={tiny_dir}",
+        f"data.train_manifest={tmp_path / 'nothing.jsonl'}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 1
+    assert f"error: manifest not found: {tmp_path / 'nothing.jsonl'}" in proc.stderr.splitlines()
