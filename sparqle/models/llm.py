@@ -39,6 +39,7 @@ class LLM(nn.Module):
         speech_begin: str = "<Speech>",
         speech_end: str = "</Speech>",
         gradient_checkpointing: bool = False,
+        max_target_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
@@ -63,6 +64,7 @@ class LLM(nn.Module):
         self.speech_begin, self.speech_end = speech_begin, speech_end
         self.hidden_size = self.model.config.hidden_size
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.max_target_tokens = max_target_tokens
         self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
 
     def train(self, mode: bool = True) -> LLM:
