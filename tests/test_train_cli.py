@@ -46,6 +46,31 @@ def test_tiny_run_finishes_and_writes_a_checkpoint(tiny_dir, synth_data, tmp_pat
     assert "train/loss" in metrics and "val/loss" in metrics
 
 
+@pytest.mark.slow
+def test_tiny_run_trains_from_shards(tiny_dir, synth_data, tmp_path):
+    from data_prep.make_shards import make_shards
+
+    make_shards(synth_data / "train.jsonl", tmp_path / "shards", "train", shard_size_mb=0.1)
+    make_shards(synth_data / "val.jsonl", tmp_path / "shards", "val", shard_size_mb=0.1)
+    proc = run_train(
+        "experiment=tiny",
+        "data=shards",
+        "stage=instruct",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "data.num_workers=2",
+        "data.max_seconds_per_batch=12",
+        f"paths.cache_dir={tiny_dir}",
+        f"data.train.main.urls={tmp_path / 'shards' / 'train.json'}",
+        f"data.val.urls={tmp_path / 'shards' / 'val.json'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "callbacks.progress_bar=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+
+
 def test_paper_config_composes_offline():
     proc = run_train("experiment=sparqle_paper", "--cfg", "job", timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,195 @@
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_prep.make_shards import make_shards
+from sparqle.data.audio import encode_flac, load_audio
+from sparqle.data.manifest import read_manifest
+from sparqle.data.shard_datamodule import ShardDataModule
+
+
+@pytest.fixture(scope="module")
+def shards(synth_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    make_shards(synth_data / "manifest.jsonl", out, "train", workers=2, shard_size_mb=0.15, seed=0)
+    return out
+
+
+def _ids(loader):
+    return [i for b in loader for i in b["id"]]
+
+
+def test_shards_round_trip(synth_data, shards):
+    index = json.loads((shards / "train.json").read_text())
+    assert index["num_samples"] == 24 and len(index["shards"]) >= 4
+    assert (
+        sum(s["samples"] for s in index["shards"]) == 24
+        and sum(index["duration_histogram"]["counts"]) == 24
+    )
+    assert index["hours"] > 0 and index["skipped"] == {}
+    utts = {u.id: u for u in read_manifest(synth_data / "manifest.jsonl")}
+    seen = 0
+    for shard in sorted(shards.glob("train-*.tar")):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):  # a plain reader
+            meta = json.loads(sample["json"])
+            assert sample["__key__"] == meta["id"]
+            utt = utts[meta["id"]]
+            assert meta["text"] == utt.text and meta["translation"] == utt.translation
+            original = load_audio(utt.audio, 16000)
+            stored = load_audio(sample["flac"], 16000)
+            assert len(stored) == len(original)
+            assert np.max(np.abs(stored - original)) < 1e-4
+            seen += 1
+    assert seen == 24
+
+
+def test_shards_readable_by_tar_and_hf_datasets(shards):
+    listing = subprocess.run(
+        ["tar", "tf", str(shards / "train-000000.tar")], capture_output=True, text=True, check=True
+    )
+    names = listing.stdout.split()
+    assert names and all(n.endswith((".flac", ".json")) for n in names) and len(names) % 2 == 0
+
+    import datasets
+
+    features = datasets.Features(
+        {
+            "flac": datasets.Value("binary"),
+            "json": {"id": datasets.Value("string"), "text": datasets.Value("string")},
+            "__key__": datasets.Value("string"),
+            "__url__": datasets.Value("string"),
+        }
+    )
+    ds = datasets.load_dataset(
+        "webdataset",
+        data_files={"train": str(shards / "train-*.tar")},
+        split="train",
+        features=features,
+    )
+    assert len(ds) == 24
+    row = ds[0]
+    assert row["json"]["text"] and len(load_audio(row["flac"], 16000)) > 8000
+
+
+def test_rerun_resumes_and_output_is_deterministic(synth_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_shards(synth_data / "manifest.jsonl", a, "train", shard_size_mb=0.15, seed=5)
+    make_shards(synth_data / "manifest.jsonl", b, "train", workers=2, shard_size_mb=0.15, seed=5)
+    tars = sorted(p.name for p in a.glob("*.tar"))
+    assert tars == sorted(p.name for p in b.glob("*.tar"))
+    assert all((a / t).read_bytes() == (b / t).read_bytes() for t in tars)
+    # a killed run: one shard gone, one half-written temp file left behind
+    (a / tars[1]).unlink()
+    (a / f".{tars[1]}.123.tmp").write_bytes(b"half")
+    before = {t: (a / t).stat().st_mtime_ns for t in tars if t != tars[1]}
+    make_shards(synth_data / "manifest.jsonl", a, "train", shard_size_mb=0.15, seed=5)
+    assert (a / tars[1]).read_bytes() == (b / tars[1]).read_bytes()
+    assert all(
+        (a / t).stat().st_mtime_ns == m for t, m in before.items()
+    )  # finished shards untouched
+
+
+def test_every_sample_once_per_epoch_over_ranks_and_workers(shards, monkeypatch):
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = ShardDataModule(
+            train={"main": {"urls": str(shards / "train.json")}}, num_workers=2, pool_size=8
+        )
+        seen += _ids(dm.train_dataloader())
+    assert len(seen) == 24 and len(set(seen)) == 24
+
+
+def test_resampled_mode_runs_the_indexed_epoch(shards):
+    dm = ShardDataModule(
+        train={"main": {"urls": str(shards / "train.json")}},
+        num_workers=0,
+        resampled=True,
+        max_seconds_per_batch=10.0,
+    )
+    batches = list(dm.train_dataloader())
+    assert len(batches) == dm.batches_per_worker() > 1
+    assert all(b["audio"].shape[0] * b["audio"].shape[1] <= 10.0 * 16000 for b in batches)
+
+
+def test_sources_mix_by_weight_and_tasks(shards):
+    dm = ShardDataModule(
+        train={
+            "asr": {"urls": str(shards / "train.json"), "weight": 1.0, "tasks": {"transcribe": 1}},
+            "st": {"urls": str(shards / "train.json"), "weight": 3.0, "tasks": {"translate_de": 1}},
+        },
+        num_workers=0,
+        resampled=True,
+        max_seconds_per_batch=8.0,
+    )
+    dm.batches_per_worker = lambda: 60
+    tasks = [t for b in dm.train_dataloader() for t in b["task"]]
+    share = tasks.count("translate") / len(tasks)
+    assert 0.6 < share < 0.9
+
+
+def _empty_wav() -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(0, np.float32), 16000, format="WAV")
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_corrupt_inputs_are_counted_not_fatal(tmp_path, synth_data):
+    good_audio = encode_flac(
+        load_audio(next(iter(sorted((synth_data / "audio").glob("*.flac")))), 16000), 16000
+    )
+    meta = lambda i, text="Hello there.": {"id": f"u{i}", "text": text}  # noqa: E731
+    _write_tar(
+        tmp_path / "s-000000.tar",
+        [
+            {"__key__": "u0", "flac": good_audio, "json": meta(0)},
+            {"__key__": "u1", "flac": b"this is not flac", "json": meta(1)},
+            {"__key__": "u2", "flac": good_audio, "json": meta(2, text="")},
+            {"__key__": "u3", "wav": _empty_wav(), "json": meta(3)},
+            {"__key__": "u4", "flac": good_audio, "json": meta(4)},
+        ],
+    )
+    _write_tar(
+        tmp_path / "s-000001.tar",
+        [{"__key__": f"v{i}", "flac": good_audio, "json": meta(10 + i)} for i in range(4)],
+    )
+    whole = (tmp_path / "s-000001.tar").read_bytes()
+    (tmp_path / "s-000001.tar").write_bytes(whole[: int(len(whole) * 0.6)])  # truncated mid-file
+    (tmp_path / "s-000002.tar").write_bytes(os.urandom(3000))  # not a tar at all
+    dm = ShardDataModule(
+        train={"main": {"urls": str(tmp_path / "s-{000000..000002}.tar")}},
+        num_workers=0,
+        max_seconds_per_batch=60,
+    )
+    batches = list(dm.train_dataloader())
+    ids = [i for b in batches for i in b["id"]]
+    skipped = {}
+    for b in batches:
+        for k, v in b["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert {"u0", "u4"} <= set(ids) and not {"u1", "u2", "u3"} & set(ids)
+    assert {"u10", "u11"} <= set(ids)  # samples before the truncation point survive
+    # the truncated shard's last, cut-off clip is undecodable too
+    assert (
+        skipped["undecodable audio"] in (1, 2)
+        and skipped["no text"] == 1
+        and skipped["empty audio"] == 1
+    )
+    assert skipped["unreadable shard"] >= 2
+    assert sum(b["num_skipped"] for b in batches) == sum(skipped.values())
