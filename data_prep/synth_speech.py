@@ -49,10 +49,24 @@ def espeak(text: str, voice: str, speed: int) -> np.ndarray:
 
 
 def synthesise(
-    out: Path, n: int, seed: int, voices: tuple[str, ...] = DEFAULT_VOICES
+    out: Path,
+    n: int,
+    seed: int,
+    voices: tuple[str, ...] = DEFAULT_VOICES,
+    sentences_per_clip: int = 1,
 ) -> list[Utterance]:
+    """n clips of `sentences_per_clip` grammar sentences each (5 gives LibriSpeech-like ~12 s)."""
     rng = random.Random(seed)
-    sentences: list[Sentence] = unique_sentences(n, seed)
+    pool = unique_sentences(n * sentences_per_clip, seed)
+    sentences: list[Sentence] = [
+        Sentence(
+            *(
+                " ".join(getattr(x, f) for x in pool[i : i + sentences_per_clip])
+                for f in ("en", "de", "fr")
+            )
+        )
+        for i in range(0, len(pool), sentences_per_clip)
+    ]
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     utterances = []
@@ -85,11 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--voices", default=",".join(DEFAULT_VOICES), help="comma-separated espeak-ng voices"
     )
+    p.add_argument("--sentences-per-clip", type=int, default=1, help="5 gives ~12-s clips")
     p.add_argument(
         "--val-fraction", type=float, default=0.0, help="also write train.jsonl / val.jsonl"
     )
     args = p.parse_args(argv)
-    utts = synthesise(args.out, args.n, args.seed, tuple(args.voices.split(",")))
+    utts = synthesise(
+        args.out, args.n, args.seed, tuple(args.voices.split(",")), args.sentences_per_clip
+    )
     if args.val_fraction > 0:
         n_val = max(1, round(len(utts) * args.val_fraction))
         write_manifest(args.out / "train.jsonl", utts[n_val:])
