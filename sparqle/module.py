@@ -182,13 +182,12 @@ class SparQLeModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         bs = len(batch["id"])
-        self.log(
-            "train/skipped",
-            float(batch["num_skipped"]),
-            reduce_fx="sum",
-            on_step=False,
-            on_epoch=True,
+        skips = {"skipped": batch["num_skipped"]}
+        skips.update(
+            {f"skipped/{k.replace(' ', '_')}": n for k, n in batch.get("skipped", {}).items()}
         )
+        for name, n in skips.items():
+            self.log(f"train/{name}", float(n), reduce_fx="sum", on_step=False, on_epoch=True)
         if bs == 0:
             return None
         out = self._losses(batch)

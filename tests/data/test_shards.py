@@ -193,3 +193,10 @@ def test_corrupt_inputs_are_counted_not_fatal(tmp_path, synth_data):
     )
     assert skipped["unreadable shard"] >= 2
     assert sum(b["num_skipped"] for b in batches) == sum(skipped.values())
+
+
+def test_pipe_urls_stream_through_a_command(shards):
+    # the same path object storage takes: `pipe:aws s3 cp s3://bucket/x.tar -`, here `pipe:cat x.tar`
+    urls = [f"pipe:cat {p}" for p in sorted(shards.glob("train-*.tar"))]
+    dm = ShardDataModule(train={"main": {"urls": urls}}, val={"urls": urls}, num_workers=0)
+    assert len(_ids(dm.val_dataloader())) == 24
