@@ -16,10 +16,10 @@ from omegaconf import DictConfig  # noqa: E402
 
 from sparqle.config import module_kwargs  # noqa: E402  (registers resolvers)
 from sparqle.data.manifest import ManifestError  # noqa: E402
-from sparqle.module import CheckpointMismatch, SparQLeModule  # noqa: E402
+from sparqle.module import CheckpointMismatch, SparQLeModule, TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("sparqle.train")
-USER_ERRORS = (ManifestError, CheckpointMismatch, FileNotFoundError, ValueError)
+USER_ERRORS = (ManifestError, CheckpointMismatch, TrainingDiverged, FileNotFoundError, ValueError)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

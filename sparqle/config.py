@@ -28,6 +28,7 @@ def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "llm": OmegaConf.to_container(cfg.llm, resolve=True),
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "val_decode_batches": cfg.val_decode_batches,
+        "max_nonfinite_steps": cfg.max_nonfinite_steps,
     }
 
 

@@ -11,12 +11,15 @@ frozen encoder and LLM, which are rebuilt from their `name_or_path` in the saved
 from __future__ import annotations
 
 import logging
+import random
 from collections import defaultdict
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import grad_norm
 from transformers import AutoConfig, get_cosine_with_min_lr_schedule_with_warmup
 
 from sparqle import metrics
@@ -34,6 +37,10 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the configured model; the message names the parameters."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
 class SparQLeModule(L.LightningModule):
     def __init__(
         self,
@@ -43,6 +50,7 @@ class SparQLeModule(L.LightningModule):
         llm: dict[str, Any],
         generation: dict[str, Any] | None = None,
         val_decode_batches: int = 2,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,6 +60,11 @@ class SparQLeModule(L.LightningModule):
         self.optim_cfg = dict(stage.get("optim", {}))
         self.generation = dict(generation or {})
         self.val_decode_batches = val_decode_batches
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.batch_stats: dict[str, float] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
         self.strict_loading = (
             False  # checkpoints hold trainable weights only; see on_load_checkpoint
         )
@@ -88,6 +101,14 @@ class SparQLeModule(L.LightningModule):
                 p.requires_grad_(False)
         if stage.get("init_from"):
             self.load_adapter_from(stage["init_from"])
+        self._flop_params = {
+            "encoder": sum(p.numel() for p in enc.parameters()),
+            "adapter": sum(p.numel() for n, p in self.named_parameters() if p.requires_grad),
+            "llm": 0
+            if llm_module is None
+            else sum(p.numel() for p in llm_module.parameters())
+            - llm_module.model.get_input_embeddings().weight.numel(),
+        }
 
     # ----------------------------------------------------------------- parameters and checkpoints
     def trainable_names(self) -> list[str]:
@@ -125,8 +146,16 @@ class SparQLeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.checkpoint_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        np_state = np.random.get_state()
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng")
         state = checkpoint["state_dict"]
         own = self.state_dict()
         unexpected = [k for k in state if k not in own]
@@ -142,6 +171,23 @@ class SparQLeModule(L.LightningModule):
                     f"checkpoint does not fit this model: {len(keys)} {what} tensors (first: {keys[0]}); "
                     "it was trained with another stage, encoder, adapter or LLM config"
                 )
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the random streams (dropout, ITM negatives) where they stood."""
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -175,10 +221,11 @@ class SparQLeModule(L.LightningModule):
         if self.stage == "pretrain":
             enc = self.model.encoder(batch["audio"], batch["audio_lens"])
             return self.heads(self.model.adapter.qformer, enc.features, enc.mask, batch["text"])
-        loss = self.model(
+        loss, inputs = self.model(
             batch["audio"], batch["audio_lens"], batch["instruction"], batch["target"]
         )
-        return {"loss": loss}
+        speech_positions, llm_tokens = self.model.count_positions(inputs)
+        return {"loss": loss, "llm_tokens": llm_tokens, "adapter_positions": speech_positions}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         bs = len(batch["id"])
@@ -191,12 +238,60 @@ class SparQLeModule(L.LightningModule):
         if bs == 0:
             return None
         out = self._losses(batch)
+        if self._skip_nonfinite(out["loss"]):
+            return None
         for k in ("loss", "itc", "itm", "itg"):
             if k in out:
                 self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=bs)
         if self.heads is not None:
             self.log("train/temperature", self.heads.temp.detach(), batch_size=bs)
+        self.batch_stats = self._batch_stats(batch, out)
         return out["loss"]
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Skip the step (on every rank) when any rank's loss is NaN/Inf; stop after K in a row."""
+        bad = self.trainer.strategy.reduce_boolean_decision(
+            not bool(torch.isfinite(loss.detach())), all=False
+        )
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), reduce_fx="max")
+        log.warning("non-finite loss at step %d: step skipped", self.global_step)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}: "
+                "stopping (lower stage.optim.lr, check the data, or use bf16 instead of fp16)"
+            )
+        return True
+
+    def _batch_stats(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Work done by this step, for throughput and MFU (FLOPs: 2N per token forward for every
+        module, plus 2N backward through the frozen LLM's activations and 4N more for the
+        trainable adapter's weight gradients)."""
+        sr = self.model.encoder.sample_rate
+        audio_seconds = float(batch["audio_lens"].sum()) / sr
+        frames = audio_seconds * self.model.encoder.frame_rate
+        n = self._flop_params
+        llm_tokens = float(out.get("llm_tokens", 0))
+        qformer = getattr(self.model.adapter, "qformer", None)
+        default_positions = (
+            len(batch["id"]) * qformer.num_queries if qformer is not None else frames
+        )
+        adapter_positions = float(out.get("adapter_positions", default_positions))
+        flops = (
+            2 * n["encoder"] * frames
+            + 6 * n["adapter"] * adapter_positions
+            + 4 * n["llm"] * llm_tokens
+        )
+        return {
+            "audio_seconds": audio_seconds,
+            "samples": len(batch["id"]),
+            "llm_tokens": llm_tokens,
+            "flops": flops,
+        }
 
     def on_validation_epoch_start(self) -> None:
         self._val = defaultdict(list)

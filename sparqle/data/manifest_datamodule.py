@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sparqle.data.audio import AudioError, load_audio
 from sparqle.data.collate import collate
@@ -29,20 +28,24 @@ class ManifestDataset(Dataset):
         tasks: TaskSampler,
         train: bool,
         max_seconds: float | None = None,
+        seed: int = 0,
     ) -> None:
         self.utterances = utterances
         self.sample_rate = sample_rate
         self.tasks = tasks
         self.train = train
         self.max_seconds = max_seconds
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.utterances)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """`key` is an index, or (index, epoch) from EpochSampler: the random task and
+        instruction then depend on (seed, epoch, index) alone, whatever the worker or resume."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         utt = self.utterances[index]
-        # Drawn from torch's generator, which Lightning seeds per worker and per epoch.
-        rng = random.Random(int(torch.randint(2**62, ()))) if self.train else None
+        rng = random.Random(f"{self.seed}:{epoch}:{index}") if self.train else None
         choice = self.tasks.choose(utt, rng)
         if choice is None or not choice.target.strip():
             log.warning("skipping %s: no target text for the configured tasks", utt.id)
@@ -66,6 +69,22 @@ class ManifestDataset(Dataset):
         }
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (seed + epoch permutation, this rank's slice) that yields
+    (index, epoch) and can start mid-epoch, so a resumed run sees the batches it had not."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.resume_epoch, self.resume_samples = -1, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self.epoch == self.resume_epoch:
+            indices = indices[self.resume_samples :]
+            self.resume_epoch = -1
+        return iter([(i, self.epoch) for i in indices])
+
+
 class ManifestDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -79,6 +98,7 @@ class ManifestDataModule(L.LightningDataModule):
         tasks: Mapping[str, float] | None = None,
         val_tasks: Mapping[str, float] | None = None,
         max_seconds: float | None = 30.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.paths = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -89,7 +109,9 @@ class ManifestDataModule(L.LightningDataModule):
         self.tasks = TaskSampler(dict(tasks or {"transcribe": 1.0}))
         self.val_tasks = TaskSampler(dict(val_tasks or tasks or {"transcribe": 1.0}))
         self.max_seconds = max_seconds
+        self.seed = seed
         self.datasets: dict[str, ManifestDataset] = {}
+        self._resume: dict[str, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         for split, path in self.paths.items():
@@ -101,25 +123,48 @@ class ManifestDataModule(L.LightningDataModule):
                     self.tasks if train else self.val_tasks,
                     train=train,
                     max_seconds=self.max_seconds if train else None,
+                    seed=self.seed,
                 )
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"data.{split}_manifest is not set")
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        if "train" not in self.datasets:
+            raise ValueError("data.train_manifest is not set")
+        trainer = self.trainer
+        sampler = EpochSampler(
+            self.datasets["train"],
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            seed=self.seed,
+        )
+        if self._resume:
+            sampler.resume_epoch = self._resume["epoch"]
+            sampler.resume_samples = self._resume["batches"] * self.batch_size
+        return self._loader("train", self.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the epoch stood when a checkpoint was written (saved in the checkpoint)."""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.val_batch_size)
+        return self._loader("val", self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.val_batch_size)
+        return self._loader("test", self.val_batch_size)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sparqle.models.encoder import SpeechEncoder
-from sparqle.models.llm import LLM
+from sparqle.models.llm import LLM, SPEECH_SLOT, LLMInputs
 
 
 class SparQLe(nn.Module):
@@ -17,6 +17,11 @@ class SparQLe(nn.Module):
         self.encoder = encoder
         self.adapter = adapter
         self.llm = llm
+
+    @staticmethod
+    def count_positions(inputs: LLMInputs) -> tuple[int, int]:
+        """(speech embeddings, all attended positions) in a batch of LLM inputs."""
+        return int((inputs.token_ids == SPEECH_SLOT).sum()), int(inputs.attention_mask.sum())
 
     def embed_speech(
         self, audio: torch.Tensor, audio_lens: torch.Tensor
@@ -30,9 +35,11 @@ class SparQLe(nn.Module):
         audio_lens: torch.Tensor,
         instructions: list[str],
         targets: list[str],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, LLMInputs]:
+        """(mean next-token loss over the targets, the LLM inputs it was computed on)."""
         speech, mask = self.embed_speech(audio, audio_lens)
-        return self.llm(self.llm.build_inputs(speech, mask, instructions, targets))
+        inputs = self.llm.build_inputs(speech, mask, instructions, targets)
+        return self.llm(inputs), inputs
 
     @torch.no_grad()
     def generate(

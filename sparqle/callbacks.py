@@ -1,0 +1,141 @@
+"""Lightning callbacks: throughput/MFU, run provenance, checkpoint on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+PACKAGES = (
+    "torch",
+    "lightning",
+    "transformers",
+    "peft",
+    "webdataset",
+    "hydra-core",
+    "sacrebleu",
+    "jiwer",
+    "sparqle",
+)
+
+
+class SpeechThroughput(L.Callback):
+    """Logs audio seconds/s, samples/s, LLM tokens/s, estimated MFU and peak GPU memory.
+
+    Reads `pl_module.batch_stats` (set by the module each step: audio_seconds, samples,
+    llm_tokens, flops) and averages over `window` steps.
+    """
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._start: float | None = None
+        self._acc: dict[str, float] = {}
+        self._steps = 0
+        self._peak_flops: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+            if self._peak_flops is None:
+                dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+                self._peak_flops = (
+                    get_available_flops(pl_module.device, dtype)
+                    if pl_module.device.type == "cuda"
+                    else None
+                )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = getattr(pl_module, "batch_stats", None) or {}
+        for k, v in stats.items():
+            self._acc[k] = self._acc.get(k, 0.0) + float(v)
+        self._steps += 1
+        if self._steps < self.window or self._start is None:
+            return
+        self._sync(pl_module)
+        dt = time.perf_counter() - self._start
+        world = trainer.world_size
+        metrics = {
+            "throughput/audio_seconds_per_s": self._acc.get("audio_seconds", 0.0) * world / dt,
+            "throughput/samples_per_s": self._acc.get("samples", 0.0) * world / dt,
+            "throughput/llm_tokens_per_s": self._acc.get("llm_tokens", 0.0) * world / dt,
+            "throughput/step_time_s": dt / self._steps,
+        }
+        if self._peak_flops:
+            metrics["throughput/mfu"] = self._acc.get("flops", 0.0) / dt / self._peak_flops
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            metrics["memory/peak_allocated_gib"] = (
+                torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            )
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        self._start, self._acc, self._steps = None, {}, 0
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+        ).stdout
+        return sha.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class RunInfo(L.Callback):
+    """Records the git commit and package versions with the run (beside Hydra's config)."""
+
+    def __init__(self, output_dir: str, repo_dir: str) -> None:
+        self.output_dir, self.repo_dir = Path(output_dir), Path(repo_dir)
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        info: dict[str, Any] = {
+            "git_commit": git_commit(self.repo_dir),
+            "versions": package_versions(),
+            "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"run": info})
+
+
+class CheckpointOnSigterm(L.Callback):
+    """Lightning stops cleanly on SIGTERM (preemption, scancel); save `last.ckpt` first."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
+            return
+        path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("SIGTERM: saved %s at step %d", path, trainer.global_step)
