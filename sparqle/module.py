@@ -293,6 +293,14 @@ class SparQLeModule(L.LightningModule):
             "flops": flops,
         }
 
+    def on_validation_start(self) -> None:
+        # Validation draws random numbers too (ITM negatives); keep them out of the training stream
+        # so a run resumed from a checkpoint replays training exactly.
+        self._rng_before_val = torch.get_rng_state()
+
+    def on_validation_end(self) -> None:
+        torch.set_rng_state(self._rng_before_val)
+
     def on_validation_epoch_start(self) -> None:
         self._val = defaultdict(list)
 

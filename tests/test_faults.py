@@ -1,0 +1,153 @@
+"""Resume, preemption and divergence, as a week-long run meets them."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from sparqle.module import TrainingDiverged
+from tests.conftest import ROOT
+from tests.test_module import make_cfg, make_module
+
+
+def _train_cmd(tiny_dir, synth_data, run_dir, stage, *extra):
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=tiny",
+        f"stage={stage}",
+        f"paths.cache_dir={tiny_dir}",
+        f"data.train_manifest={synth_data / 'train.jsonl'}",
+        f"data.val_manifest={synth_data / 'val.jsonl'}",
+        f"hydra.run.dir={run_dir}",
+        "callbacks.progress_bar=null",
+        "trainer.val_check_interval=6",
+        *extra,
+    ]
+
+
+def _wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited"
+        assert time.time() - start < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, synth_data, tmp_path, stage):
+    steps = ["trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ref = subprocess.run(
+        _train_cmd(tiny_dir, synth_data, tmp_path / "ref", stage, *steps),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(tiny_dir, synth_data, run, stage, *steps),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(run / "checkpoints" / "step0000004.ckpt", proc)
+    time.sleep(0.3)  # land mid-epoch, somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert killed_at < 16
+
+    resumed = subprocess.run(
+        _train_cmd(
+            tiny_dir,
+            synth_data,
+            run,
+            stage,
+            *steps,
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (
+            f"{k} differs after resume from step {killed_at}"
+        )
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_dir, synth_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = _train_cmd(
+        tiny_dir,
+        synth_data,
+        run,
+        "instruct",
+        "trainer.max_steps=100000",
+        "callbacks.model_checkpoint.every_n_train_steps=100000",
+    )
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(run / "run_info.json", proc)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] > 0 and ckpt["optimizer_states"]
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_dir, synth_data, tmp_path):
+    module = make_module(tiny_dir, synth_data, "stage=instruct", "max_nonfinite_steps=3")
+    cfg = make_cfg(tiny_dir, synth_data, "stage=instruct")
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    real = module._losses
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        out = real(batch)
+        if calls["n"] in (2, 5, 6, 7, 8):  # one bad step, later three in a row
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    module._losses = flaky
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        trainer.fit(module, datamodule=dm)
+    assert module.nonfinite_total == 4
+    # Lightning still counts a skipped step (no gradients, so AdamW leaves the weights alone)
+    assert trainer.global_step == 6
+    after = module.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
