@@ -12,7 +12,7 @@ os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sparqle.config import module_kwargs  # noqa: E402  (registers resolvers)
 from sparqle.data.manifest import ManifestError  # noqa: E402
@@ -28,7 +28,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = SparQLeModule(**module_kwargs(cfg))
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer_kwargs = {}
+    strategy = cfg.trainer.get("strategy")
+    if OmegaConf.is_dict(strategy) and strategy.get("_partial_"):  # needs the model (FSDP wrapping)
+        trainer_kwargs["strategy"] = instantiate(strategy)(module)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs
+    )
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in module.parameters())
     log.info(

@@ -153,8 +153,10 @@ class SpeechTextPretrainer(nn.Module):
         self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset
     ) -> torch.Tensor:
         b = features.shape[0]
-        if b < 2:
-            return features.new_zeros(())
+        if (
+            b < 2
+        ):  # no negatives to draw; a zero that still reaches the head keeps DDP's reducer happy
+            return sum(p.sum() for p in self.itm_head.parameters()) * 0.0
         with torch.no_grad():
             local = slice(offset, offset + b)
             # Pairs with the same transcript are not negatives.
