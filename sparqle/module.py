@@ -146,6 +146,7 @@ class SparQLeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.checkpoint_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["sparqle_trainable"] = self.trainable_names()
         np_state = np.random.get_state()
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
@@ -325,14 +326,44 @@ class SparQLeModule(L.LightningModule):
                     if batch["task"][i] == "transcribe"
                     else f"translate_{batch['lang'][i]}"
                 )
-                self._val[key].append((batch["id"][i], batch["target"][i], hyp))
+                audio = batch["audio"][i, : batch["audio_lens"][i]].cpu().numpy()
+                self._val[key].append((batch["id"][i], batch["target"][i], hyp, audio))
 
     def on_validation_epoch_end(self) -> None:
+        table = []
         for key, rows in getattr(self, "_val", {}).items():
             refs, hyps = [r[1] for r in rows], [r[2] for r in rows]
             if key == "transcribe":
                 self.log("val/wer", metrics.word_error_rate(refs, hyps)["wer"])
             else:
                 self.log(f"val/bleu_{key.split('_', 1)[1]}", metrics.bleu(refs, hyps).score)
-            for uid, ref, hyp in rows[:3]:
+            for uid, ref, hyp, _ in rows[:3]:
                 log.info("[%s] %s | ref: %s | hyp: %s", key, uid, ref, hyp)
+            table += [(key, *row) for row in rows[:8]]
+        self._log_examples(table)
+
+    def _log_examples(self, rows: list[tuple]) -> None:
+        """Validation examples on wandb: a table of reference vs hypothesis, and the audio itself
+        with the same text as captions (wandb 0.31 drops audio placed inside table cells)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if not rows or not wandb_loggers or self.global_rank != 0:
+            return
+        sr = self.model.encoder.sample_rate
+        for lg in wandb_loggers:
+            lg.log_table(
+                key="val/examples",
+                columns=["task", "id", "reference", "hypothesis"],
+                data=[[task, uid, ref, hyp] for task, uid, ref, hyp, _ in rows],
+                step=self.global_step,
+            )
+            lg.log_audio(
+                key="val/audio",
+                audios=[row[4] for row in rows],
+                caption=[
+                    f"[{task}] {uid} | ref: {ref} | hyp: {hyp}" for task, uid, ref, hyp, _ in rows
+                ],
+                sample_rate=[sr] * len(rows),
+                step=self.global_step,
+            )

@@ -1,0 +1,54 @@
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sparqle.export import export, load_exported
+from sparqle.module import CheckpointMismatch
+from tests.test_module import _one_step, make_module
+
+
+def test_export_holds_trainable_weights_and_rebuilds_the_model(
+    tiny_dir, synth_data, batch, tmp_path
+):
+    import lightning as L
+
+    module = make_module(tiny_dir, synth_data, "stage=instruct")
+    _one_step(module, batch)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    info = export(tmp_path / "full.ckpt", tmp_path / "export")
+    tensors = load_file(tmp_path / "export" / "adapter.safetensors")
+    assert set(tensors) == set(module.trainable_names()) and info["tensors"] == len(tensors)
+    full_bytes = (tmp_path / "full.ckpt").stat().st_size
+    assert info["bytes"] < full_bytes  # no optimizer state, no frozen tensors
+
+    rebuilt = load_exported(tmp_path / "export").eval()
+    module.eval()
+    for name in module.trainable_names():
+        assert torch.equal(module.state_dict()[name], rebuilt.state_dict()[name])
+    with torch.no_grad():
+        a = module.model.embed_speech(batch["audio"], batch["audio_lens"])[0]
+        b = rebuilt.model.embed_speech(batch["audio"], batch["audio_lens"])[0]
+    torch.testing.assert_close(a, b)
+
+    half = export(tmp_path / "full.ckpt", tmp_path / "bf16", dtype="bfloat16")
+    assert half["bytes"] == pytest.approx(info["bytes"] / 2, rel=0.01)
+
+    cfg = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
+    cfg["adapter"]["num_queries"] = 3
+    (tmp_path / "export" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointMismatch, match="query_tokens"):
+        load_exported(tmp_path / "export")
+
+
+@pytest.fixture(scope="module")
+def batch(synth_data):
+    from sparqle.data.manifest_datamodule import ManifestDataModule
+
+    dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
