@@ -1,0 +1,231 @@
+"""Timed training steps of SparQLe with random weights, from the same configs as train.py.
+
+    python bench/train_step.py                                   # tiny models, CPU
+    python bench/train_step.py experiment=sparqle_paper --batch 8 --seconds 15 --steps 10   # on a GPU
+
+Published model names (HuBERT-large, Llama-3-8B-Instruct, Qwen2.5-7B, BERT-base) are built from
+their architectures with random weights, so nothing is downloaded. Prints step time, audio s/s,
+LLM tokens/s and MFU (FLOPs: 2N per token forward for every module, 2N more backward through the
+frozen LLM's activations, 4N more for the adapter's weight gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM  # noqa: E402
+
+from sparqle.config import module_kwargs  # noqa: E402
+from sparqle.models.tiny import ensure_tiny  # noqa: E402
+from sparqle.module import SparQLeModule  # noqa: E402
+
+ARCHITECTURES = {
+    "facebook/hubert-large-ll60k": (
+        "hubert",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
+            conv_bias=True,
+        ),
+    ),
+    "facebook/hubert-base-ls960": ("hubert", {}),
+    "microsoft/wavlm-large": (
+        "wavlm",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
+            conv_bias=False,
+        ),
+    ),
+    "google-bert/bert-base-uncased": ("bert", {}),
+    "meta-llama/Meta-Llama-3-8B-Instruct": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            max_position_embeddings=8192,
+        ),
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": (
+        "qwen2",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+    ),
+}
+
+
+def architecture_dir(name: str, cache: Path) -> str:
+    """A config-only directory for a published model (plus a small stand-in tokenizer)."""
+    model_type, kwargs = ARCHITECTURES[name]
+    out = cache / "bench-architectures" / name.replace("/", "--")
+    if not (out / "config.json").is_file():
+        AutoConfig.for_model(model_type, **kwargs).save_pretrained(out)
+        donor = {"hubert": "encoder", "wavlm": "encoder", "bert": "bert"}.get(model_type, "llm")
+        src = Path(ensure_tiny(donor, cache))
+        for f in src.iterdir():  # tokenizer / feature-extractor files only
+            if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+                (out / f.name).write_bytes(f.read_bytes())
+    return str(out)
+
+
+@contextlib.contextmanager
+def random_weights():
+    """from_pretrained builds from the directory's config with random weights instead of loading."""
+    saved = {c: c.from_pretrained for c in (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM)}
+
+    def make(cls):
+        def load(path, *args, output_loading_info=False, dtype=None, **kwargs):
+            model = cls.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+            return (
+                (model, {"missing_keys": ["cls.predictions.transform.dense.weight"]})
+                if output_loading_info
+                else model
+            )
+
+        return load
+
+    try:
+        for c in saved:
+            c.from_pretrained = make(c)
+        yield
+    finally:
+        for c, f in saved.items():
+            c.from_pretrained = f
+
+
+def cpu_peak_flops(dtype: torch.dtype) -> float:
+    """The best FLOP/s a large matmul reaches here: the denominator of MFU on a CPU."""
+    a = torch.randn(2048, 2048, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ a
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "overrides", nargs="*", default=["experiment=tiny"], help="Hydra overrides, as for train.py"
+    )
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=4.0, help="audio per utterance")
+    p.add_argument("--target-words", type=int, default=20)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", default="32", choices=["32", "bf16"])
+    args = p.parse_args()
+
+    os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
+    overrides = (
+        args.overrides
+        if any(o.startswith("experiment=") for o in args.overrides)
+        else ["experiment=tiny", *args.overrides]
+    )
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp"])
+    cache = Path(cfg.paths.cache_dir)
+    for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
+        name = cfg[group].get(key)
+        if name in ARCHITECTURES:
+            cfg[group][key] = architecture_dir(name, cache)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with random_weights():
+        module = SparQLeModule(**module_kwargs(cfg)).to(device)
+    module.train()
+    sr = module.model.encoder.sample_rate
+    n = int(args.seconds * sr)
+    words = "the small dog sees the old red car today".split()
+    batch = {
+        "id": [str(i) for i in range(args.batch)],
+        "audio": torch.randn(args.batch, n, device=device) * 0.1,
+        "audio_lens": torch.full((args.batch,), n, device=device),
+        "text": [" ".join(words[j % len(words)] for j in range(args.target_words))] * args.batch,
+        "instruction": ["Transcribe the speech."] * args.batch,
+    }
+    batch["target"] = batch["text"]
+    params = [q for q in module.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step():
+        with autocast:
+            out = module._losses(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        out = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / args.steps
+    stats = module._batch_stats(batch, out)
+    peak = get_available_flops(device, dtype) if device.type == "cuda" else cpu_peak_flops(dtype)
+    result = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "stage": cfg.stage.name,
+        "encoder": cfg.encoder.name_or_path.rsplit("/", 1)[-1],
+        "llm": cfg.llm.name_or_path.rsplit("/", 1)[-1],
+        "adapter": cfg.adapter._target_.rsplit(".", 1)[-1],
+        "batch": args.batch,
+        "seconds_per_utterance": args.seconds,
+        "precision": args.precision,
+        "step_time_s": round(dt, 4),
+        "audio_seconds_per_s": round(stats["audio_seconds"] / dt, 1),
+        "llm_tokens_per_s": round(stats["llm_tokens"] / dt, 1),
+        "tflops_per_s": round(stats["flops"] / dt / 1e12, 3),
+        "mfu": round(stats["flops"] / dt / peak, 4) if peak else None,
+        "mfu_denominator_tflops": round(peak / 1e12, 2) if peak else None,
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The benchmarks run and print what they claim to measure."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def _run(*args):
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_bench(tiny_dir):
+    out = _run(
+        "bench/train_step.py",
+        "experiment=tiny",
+        f"paths.cache_dir={tiny_dir}",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    )
+    result = json.loads(out[out.index("{") :])
+    assert (
+        result["step_time_s"] > 0
+        and result["audio_seconds_per_s"] > 0
+        and result["llm_tokens_per_s"] > 0
+    )
+    assert 0 < result["mfu"] < 1.5
+
+
+def test_data_throughput_bench(synth_data, tmp_path):
+    from data_prep.make_shards import make_shards
+
+    make_shards(synth_data / "manifest.jsonl", tmp_path, "train", shard_size_mb=0.2)
+    out = _run(
+        "bench/data_throughput.py", "--shards", str(tmp_path / "train.json"), "--repeats", "1"
+    )
+    for line in (
+        "bare FLAC decode",
+        "full shard pipeline",
+        "ratio",
+        "padding, these shards",
+        "padding, LibriSpeech-like",
+    ):
+        assert line in out
