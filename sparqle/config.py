@@ -19,6 +19,16 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("tiny", _tiny, use_cache=True)
 
 
+def training_tasks(data: DictConfig) -> list[str]:
+    """Task specs the configured data trains on (to tell zero-shot directions apart at eval)."""
+    weights: list[dict] = []
+    if data.get("tasks"):
+        weights.append(OmegaConf.to_container(data.tasks))
+    for src in (data.get("train") or {}).values():
+        weights.append(OmegaConf.to_container(src.get("tasks") or {"transcribe": 1.0}))
+    return sorted({k for w in weights for k, v in w.items() if float(v) > 0})
+
+
 def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The parts of the composed config the LightningModule is built (and rebuilt) from."""
     return {
@@ -29,6 +39,7 @@ def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "val_decode_batches": cfg.val_decode_batches,
         "max_nonfinite_steps": cfg.max_nonfinite_steps,
+        "train_tasks": training_tasks(cfg.data),
     }
 
 

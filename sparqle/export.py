@@ -53,6 +53,10 @@ def load_exported(path: str | Path, **overrides: Any):
         raise FileNotFoundError(f"{path}: no {WEIGHTS} (not a SparQLe export)")
     config = yaml.safe_load((path / CONFIG).read_text())
     config.update(overrides)
+    config["stage"] = {
+        **config["stage"],
+        "init_from": None,
+    }  # the adapter weights are in the export
     module = SparQLeModule(**config)
     state = load_file(path / WEIGHTS)
     own = module.state_dict()

@@ -51,6 +51,7 @@ class SparQLeModule(L.LightningModule):
         generation: dict[str, Any] | None = None,
         val_decode_batches: int = 2,
         max_nonfinite_steps: int = 10,
+        train_tasks: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -336,7 +337,8 @@ class SparQLeModule(L.LightningModule):
             if key == "transcribe":
                 self.log("val/wer", metrics.word_error_rate(refs, hyps)["wer"])
             else:
-                self.log(f"val/bleu_{key.split('_', 1)[1]}", metrics.bleu(refs, hyps).score)
+                lang = key.split("_", 1)[1]
+                self.log(f"val/bleu_{lang}", metrics.translation_scores(refs, hyps, lang)["bleu"])
             for uid, ref, hyp, _ in rows[:3]:
                 log.info("[%s] %s | ref: %s | hyp: %s", key, uid, ref, hyp)
             table += [(key, *row) for row in rows[:8]]

@@ -153,6 +153,21 @@ class ManifestDataModule(L.LightningDataModule):
             sampler.resume_samples = self._resume["batches"] * self.batch_size
         return self._loader("train", self.batch_size, sampler)
 
+    def eval_dataloader(self, task: str, batch_size: int | None = None) -> DataLoader:
+        """The test manifest (else the validation one), every utterance with `task`'s target."""
+        path = self.paths["test"] or self.paths["val"]
+        if not path:
+            raise ValueError("data.test_manifest (or data.val_manifest) is not set")
+        dataset = ManifestDataset(
+            read_manifest(path), self.sample_rate, TaskSampler({task: 1.0}), train=False
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.val_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+
     def state_dict(self) -> dict[str, int]:
         """Where the epoch stood when a checkpoint was written (saved in the checkpoint)."""
         if self.trainer is None:

@@ -243,6 +243,22 @@ class ShardDataModule(L.LightningDataModule):
             pipe = pipe.with_epoch(self.batches_per_worker())
         return pipe
 
+    def eval_dataloader(self, task: str, batch_size: int | None = None) -> wds.WebLoader:
+        """The test source (else the validation one), every clip with `task`'s target."""
+        src = self.test_source or self.val_source
+        if not src:
+            raise ValueError("data.test (or data.val) is not set")
+        counter = SkipCounter()
+        pipe = self._source({**src, "tasks": {task: 1.0}}, False, counter)
+        bucket = self.bucket | ({"max_batch_size": batch_size} if batch_size else {})
+        stream = wds.DataPipeline(
+            pipe,
+            lambda s: batches_with_counts(
+                bucket_batches(s, pool_size=self.pool_size, rng=random.Random(0), **bucket), counter
+            ),
+        )
+        return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+
     def batches_per_worker(self) -> int:
         """Epoch length for resampled streams: the indexed audio once, spread over ranks and workers."""
         seconds = sum(total_seconds(s["urls"]) or 0 for s in self.train_sources.values())

@@ -1,0 +1,234 @@
+"""Batched generation over an evaluation set, scoring, and the report files.
+
+rows (one per utterance and task) -> per-task metrics -> out/{NAME}.tsv, report.json, report.md
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from sparqle import metrics
+from sparqle.data.tasks import parse_task
+
+
+@dataclass
+class Row:
+    id: str
+    task: str  # "asr" or "translate_LANG"
+    lang: str
+    reference: str
+    hypothesis: str
+    seconds: float
+    errors: int | None = None  # word edits, ASR only
+    looping: bool = False
+    refusal: bool = False
+
+
+def task_key(spec: str) -> str:
+    task, lang = parse_task(spec)
+    return "asr" if task == "transcribe" else f"translate_{lang}"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A SparQLeModule from a trainable-only export folder or a full training checkpoint."""
+    from sparqle.export import WEIGHTS, load_exported
+    from sparqle.module import SparQLeModule
+
+    path = Path(path)
+    if path.is_dir() and (path / WEIGHTS).is_file():
+        module = load_exported(path)
+    elif path.is_file():
+        hparams = torch.load(path, map_location="cpu", weights_only=True).get(
+            "hyper_parameters", {}
+        )
+        stage = {**hparams.get("stage", {}), "init_from": None}  # the weights are in the checkpoint
+        with warnings.catch_warnings():  # the frozen encoder/LLM are absent from it by design
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+            module = SparQLeModule.load_from_checkpoint(
+                path, map_location="cpu", weights_only=True, stage=stage
+            )
+    else:
+        raise FileNotFoundError(f"ckpt={path}: neither a checkpoint file nor an export folder")
+    if module.stage != "instruct":
+        raise ValueError(
+            f"ckpt={path}: a stage-{module.stage} model cannot generate text; evaluate a stage-instruct one"
+        )
+    return module.to(device).eval()
+
+
+def fingerprint(path: str | Path) -> str:
+    from sparqle.export import WEIGHTS
+
+    path = Path(path)
+    target = path / WEIGHTS if path.is_dir() else path
+    digest = hashlib.sha256()
+    with target.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def length_cap(seconds: float, generation: dict[str, Any]) -> int:
+    """max_new_tokens when not set: a bound from the audio duration (speech is ~3 words/s)."""
+    if generation.get("max_new_tokens"):
+        return int(generation["max_new_tokens"])
+    return int(
+        math.ceil(
+            generation.get("min_new_tokens", 16) + generation.get("tokens_per_second", 8) * seconds
+        )
+    )
+
+
+@torch.no_grad()
+def generate_rows(
+    module,
+    batches: Iterable[dict],
+    spec: str,
+    generation: dict[str, Any],
+    progress: Progress | None = None,
+) -> tuple[list[Row], int]:
+    """Hypotheses for every utterance of `batches` (a whole batch per generate call)."""
+    key = task_key(spec)
+    _, lang = parse_task(spec)
+    gen = {
+        k: v
+        for k, v in generation.items()
+        if k in ("num_beams", "do_sample", "temperature", "top_p", "repetition_penalty")
+    }
+    sr = module.model.encoder.sample_rate
+    rows, skipped = [], 0
+    bar = progress.add_task(f"{key}", total=None) if progress else None
+    for batch in batches:
+        skipped += int(batch["num_skipped"])
+        if not batch["id"]:
+            continue
+        seconds = (batch["audio_lens"].float() / sr).tolist()
+        hyps = module.model.generate(
+            batch["audio"].to(module.device),
+            batch["audio_lens"].to(module.device),
+            batch["instruction"],
+            max_new_tokens=length_cap(max(seconds), generation),
+            **gen,
+        )
+        for i, hyp in enumerate(hyps):
+            row = Row(
+                id=batch["id"][i],
+                task=key,
+                lang=lang or batch["lang"][i],
+                reference=batch["target"][i],
+                hypothesis=hyp,
+                seconds=round(seconds[i], 3),
+                looping=metrics.is_looping(hyp),
+                refusal=metrics.is_refusal(hyp),
+            )
+            if key == "asr":
+                row.errors = metrics.utterance_errors(row.reference, hyp, row.lang)
+            rows.append(row)
+        if progress:
+            progress.advance(bar, len(hyps))
+    return rows, skipped
+
+
+def score(rows: list[Row], key: str, skipped: int, train_tasks: list[str] | None) -> dict[str, Any]:
+    refs, hyps = [r.reference for r in rows], [r.hypothesis for r in rows]
+    out: dict[str, Any] = {
+        "utterances": len(rows),
+        "skipped": skipped,
+        "looping": sum(r.looping for r in rows),
+        "refusals": sum(r.refusal for r in rows),
+    }
+    if not rows:
+        return out
+    if key == "asr":
+        out |= metrics.word_error_rate(refs, hyps, rows[0].lang)
+    else:
+        lang = key.split("_", 1)[1]
+        out |= metrics.translation_scores(refs, hyps, lang)
+        trained = {task_key(t) for t in (train_tasks or [])}
+        out["zero_shot"] = key not in trained
+    return out
+
+
+def write_rows(path: Path, rows: list[Row]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__), delimiter="\t")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The comparison table people paste into papers: one row per checkpoint."""
+    models = report["models"]
+    tasks = sorted({t for m in models.values() for t in m["tasks"]})
+    supervised = [
+        t for t in tasks if not any(m["tasks"].get(t, {}).get("zero_shot") for m in models.values())
+    ]
+    zero_shot = [t for t in tasks if t not in supervised]
+
+    def table(task_list: list[str]) -> list[str]:
+        head, cols = ["model"], []
+        for t in task_list:
+            names = ["WER", "CER"] if t == "asr" else ["BLEU", "chrF"]
+            head += [f"{t} {n}" for n in names]
+            cols += [(t, n) for n in names]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, m in models.items():
+            cells = [name]
+            for t, n in cols:
+                v = (
+                    m["tasks"]
+                    .get(t, {})
+                    .get({"WER": "wer", "CER": "cer", "BLEU": "bleu", "chrF": "chrf"}[n])
+                )
+                cells.append(
+                    "–" if v is None else f"{100 * v:.1f}" if n in ("WER", "CER") else f"{v:.1f}"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    out = ["# Evaluation", ""]
+    if supervised:
+        out += ["## Trained directions", "", *table(supervised), ""]
+    if zero_shot:
+        out += [
+            "## Zero-shot directions (no training data for these targets)",
+            "",
+            *table(zero_shot),
+            "",
+        ]
+    out += [
+        "WER/CER in %, after Whisper's English normaliser (basic normaliser for other languages).",
+        "",
+    ]
+    sigs = {
+        m["tasks"][t].get("bleu_signature")
+        for m in models.values()
+        for t in m["tasks"]
+        if t != "asr"
+    }
+    for s in sorted(x for x in sigs if x):
+        out.append(f"BLEU signature: `{s}`  ")
+    for name, m in models.items():
+        degenerate = {t: (v["looping"], v["refusals"], v["skipped"]) for t, v in m["tasks"].items()}
+        out.append(
+            f"`{name}` ({m['checkpoint_sha256']}): looping / refusals / skipped per task: {degenerate}  "
+        )
+    return "\n".join(out) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
+    (out / "report.md").write_text(markdown(report))

@@ -1,0 +1,114 @@
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from sparqle.evaluation import length_cap, load_model
+from sparqle.export import export
+from tests.conftest import ROOT
+from tests.test_module import _one_step, make_module
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, synth_data, tmp_path_factory):
+    """A tiny stage-2 model after a few steps, as a full checkpoint and as an export."""
+    from sparqle.data.manifest_datamodule import ManifestDataModule
+
+    out = tmp_path_factory.mktemp("trained")
+    module = make_module(tiny_dir, synth_data, "stage=instruct")
+    dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
+    dm.setup("fit")
+    _one_step(module, next(iter(dm.train_dataloader())))
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(out / "model.ckpt")
+    export(out / "model.ckpt", out / "export")
+    return out
+
+
+def test_batched_generation_equals_one_at_a_time(trained, synth_data):
+    from sparqle.data.manifest_datamodule import ManifestDataModule
+
+    module = load_model(trained / "model.ckpt")
+    dm = ManifestDataModule(val_manifest=str(synth_data / "val.jsonl"))
+    batch = next(iter(dm.eval_dataloader("transcribe", batch_size=6)))
+    together = module.model.generate(
+        batch["audio"], batch["audio_lens"], batch["instruction"], max_new_tokens=6
+    )
+    alone = [
+        module.model.generate(
+            batch["audio"][i : i + 1, : batch["audio_lens"][i]],
+            batch["audio_lens"][i : i + 1],
+            batch["instruction"][i : i + 1],
+            max_new_tokens=6,
+        )[0]
+        for i in range(len(batch["id"]))
+    ]
+    assert together == alone
+
+
+def test_length_cap_follows_audio_duration():
+    assert length_cap(10.0, {"min_new_tokens": 16, "tokens_per_second": 8}) == 96
+    assert length_cap(10.0, {"max_new_tokens": 5}) == 5
+
+
+@pytest.mark.slow
+def test_eval_cli_compares_checkpoint_and_export(trained, tiny_dir, synth_data, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            f"ckpt=[{trained / 'model.ckpt'},{trained / 'export'}]",
+            f"data.test_manifest={synth_data / 'val.jsonl'}",
+            "tasks=[asr,translate_de]",
+            f"out={tmp_path}",
+            f"paths.cache_dir={tiny_dir}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            "generation.max_new_tokens=6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["models"]) == ["model", "export"]
+    a, b = (report["models"][k]["tasks"] for k in ("model", "export"))
+    assert a["asr"]["utterances"] == 6 and a["translate_de"]["utterances"] == 6
+    assert (
+        a["asr"]["wer"] == b["asr"]["wer"]
+        and a["translate_de"]["bleu"] == b["translate_de"]["bleu"]
+    )
+    assert a["translate_de"]["zero_shot"] is True  # the tiny run trained on transcription only
+    assert "tok:13a" in a["translate_de"]["bleu_signature"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Zero-shot directions" in md and "| model | asr WER | asr CER |" in md
+    rows = (tmp_path / "model.tsv").read_text().splitlines()
+    assert (
+        rows[0].split("\t")[:5] == ["id", "task", "lang", "reference", "hypothesis"]
+        and len(rows) == 13
+    )
+
+
+def test_eval_refuses_a_stage_one_model(tiny_dir, synth_data, tmp_path):
+    module = make_module(tiny_dir, synth_data, "stage=pretrain")
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "pre.ckpt")
+    with pytest.raises(ValueError, match="stage-pretrain model cannot generate"):
+        load_model(tmp_path / "pre.ckpt")
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        load_model(tmp_path / "nothing")
+    assert (
+        torch.load(tmp_path / "pre.ckpt", weights_only=True)["hyper_parameters"]["stage"]["name"]
+        == "pretrain"
+    )
