@@ -57,3 +57,17 @@ def test_data_throughput_bench(synth_data, tmp_path):
         "padding, LibriSpeech-like",
     ):
         assert line in out
+
+
+def test_eval_throughput_bench(tiny_dir):
+    out = _run(
+        "bench/eval_throughput.py",
+        f"paths.cache_dir={tiny_dir}",
+        "--n",
+        "8",
+        "--batch",
+        "4",
+        "--new-tokens",
+        "4",
+    )
+    assert "one at a time" in out and "batches of 4" in out and "ratio" in out

@@ -8,28 +8,8 @@ import pytest
 import torch
 
 from sparqle.evaluation import length_cap, load_model
-from sparqle.export import export
 from tests.conftest import ROOT
-from tests.test_module import _one_step, make_module
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dir, synth_data, tmp_path_factory):
-    """A tiny stage-2 model after a few steps, as a full checkpoint and as an export."""
-    from sparqle.data.manifest_datamodule import ManifestDataModule
-
-    out = tmp_path_factory.mktemp("trained")
-    module = make_module(tiny_dir, synth_data, "stage=instruct")
-    dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
-    dm.setup("fit")
-    _one_step(module, next(iter(dm.train_dataloader())))
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(out / "model.ckpt")
-    export(out / "model.ckpt", out / "export")
-    return out
+from tests.test_module import make_module
 
 
 def test_batched_generation_equals_one_at_a_time(trained, synth_data):

@@ -53,3 +53,26 @@ def encode_flac(samples: np.ndarray, sample_rate: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, sample_rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
+
+
+def split_points(
+    samples: np.ndarray, sample_rate: int, max_seconds: float, frame_seconds: float = 0.025
+) -> list[tuple[int, int]]:
+    """Cut long audio into pieces of at most max_seconds, each cut at the quietest frame of the
+    last third of its window (a pause, in speech), so words are rarely split."""
+    n, limit = len(samples), int(max_seconds * sample_rate)
+    if n <= limit:
+        return [(0, n)]
+    hop = max(1, int(frame_seconds * sample_rate))
+    usable = n // hop * hop
+    energy = np.square(samples[:usable].reshape(-1, hop)).mean(1) if usable else np.zeros(0)
+    pieces, start = [], 0
+    while n - start > limit:
+        lo, hi = (start + 2 * limit // 3) // hop, (start + limit) // hop
+        window = energy[lo:hi]
+        cut = (lo + int(np.argmin(window))) * hop if len(window) else start + limit
+        cut = min(max(cut, start + hop), start + limit)
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, n))
+    return pieces

@@ -1,0 +1,103 @@
+"""Generation throughput: one utterance at a time (the reference's way) vs whole batches.
+
+    python bench/eval_throughput.py [overrides...] [--n 64] [--batch 32] [--new-tokens 16]
+
+Same model (random weights, built from the configs like train.py; tiny by default), same
+clips (espeak-ng speech made on the fly), same number of generated tokens per utterance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from train_step import ARCHITECTURES, architecture_dir, random_weights  # noqa: E402
+
+from data_prep.synth_speech import synthesise  # noqa: E402
+from sparqle.config import module_kwargs  # noqa: E402
+from sparqle.data.manifest_datamodule import ManifestDataModule  # noqa: E402
+from sparqle.module import SparQLeModule  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    args = p.parse_args()
+    os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
+    overrides = (
+        args.overrides
+        if any(o.startswith("experiment=") for o in args.overrides)
+        else ["experiment=tiny", *args.overrides]
+    )
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "stage=instruct", "paths.output_dir=/tmp"])
+    for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
+        if cfg[group].get(key) in ARCHITECTURES:
+            cfg[group][key] = architecture_dir(cfg[group][key], Path(cfg.paths.cache_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with random_weights():
+        module = SparQLeModule(**module_kwargs(cfg)).to(device).eval()
+    if device.type == "cuda" and cfg.llm.dtype == "bfloat16":
+        module.model.adapter.to(torch.bfloat16)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthesise(Path(tmp), args.n, seed=1)
+        dm = ManifestDataModule(test_manifest=str(Path(tmp) / "manifest.jsonl"), num_workers=0)
+        batches = list(dm.eval_dataloader("transcribe", batch_size=args.batch))
+    gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
+
+    def run(batch_list):
+        start = time.perf_counter()
+        for b in batch_list:
+            module.model.generate(
+                b["audio"].to(device), b["audio_lens"].to(device), b["instruction"], **gen
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    singles = [
+        {
+            "audio": b["audio"][i : i + 1, : b["audio_lens"][i]],
+            "audio_lens": b["audio_lens"][i : i + 1],
+            "instruction": b["instruction"][i : i + 1],
+        }
+        for b in batches
+        for i in range(len(b["audio_lens"]))
+    ]
+    run(singles[:2])  # warm-up
+    run(batches[:1])
+    t_single = run(singles)
+    t_batch = run(batches)
+    n = len(singles)
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device: {device_name}; model: {cfg.encoder.name_or_path.rsplit('/', 1)[-1]} + {cfg.llm.name_or_path.rsplit('/', 1)[-1]}"
+    )
+    print(f"utterances: {n}, {args.new_tokens} new tokens each")
+    print(f"one at a time   : {n / t_single:8.2f} utterances/s")
+    print(f"batches of {args.batch:<4} : {n / t_batch:8.2f} utterances/s")
+    print(f"ratio           : {t_single / t_batch:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
