@@ -1,0 +1,90 @@
+"""A small web app: record or upload audio, pick transcribe or translate, read the text.
+
+pip install .[demo]; python -m sparqle.app --ckpt exports/run1 [--port 7860]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from sparqle.data.audio import resample, split_points, to_mono_float
+from sparqle.data.prompts import LANGUAGE_NAMES, TRANSCRIBE, TRANSLATE, instruction
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+TASKS = {"Transcribe": TRANSCRIBE, "Translate": TRANSLATE}
+
+
+def make_handler(
+    module, max_seconds: float = 30.0
+) -> Callable[[tuple[int, np.ndarray] | None, str, str], str]:
+    """(sample rate, samples) from the audio widget, task, language -> text."""
+    from sparqle.evaluation import length_cap
+
+    sr = module.model.encoder.sample_rate
+
+    def handle(
+        audio: tuple[int, np.ndarray] | None, task: str = "Transcribe", language: str = "German"
+    ) -> str:
+        if audio is None:
+            return "No audio: record or upload a clip first."
+        rate, samples = audio
+        x = resample(to_mono_float(np.asarray(samples)), int(rate), sr)
+        if x.size == 0 or not np.isfinite(x).all():
+            return "The clip is empty or unreadable."
+        prompt = instruction(TASKS[task], language if TASKS[task] == TRANSLATE else None)
+        spans = split_points(x, sr, max_seconds)
+        pieces = [torch.from_numpy(x[a:b].copy()) for a, b in spans]
+        lens = torch.tensor([len(p) for p in pieces])
+        batch = torch.zeros(len(pieces), int(lens.max()))
+        for i, p in enumerate(pieces):
+            batch[i, : len(p)] = p
+        hyps = module.model.generate(
+            batch.to(module.device),
+            lens.to(module.device),
+            [prompt] * len(pieces),
+            max_new_tokens=length_cap(float(lens.max()) / sr, {}),
+        )
+        return " ".join(h for h in hyps if h)
+
+    return handle
+
+
+def make_app(module):
+    import gradio as gr
+
+    handler = make_handler(module)
+    languages = sorted(set(LANGUAGE_NAMES.values()) - {"English"})
+    return gr.Interface(
+        fn=handler,
+        inputs=[
+            gr.Audio(sources=["microphone", "upload"], type="numpy", label="Speech"),
+            gr.Radio(list(TASKS), value="Transcribe", label="Task"),
+            gr.Dropdown(languages, value="German", label="Translate into"),
+        ],
+        outputs=gr.Textbox(label="Text"),
+        title="SparQLe",
+        description="Speech -> Q-Former -> LLM. Translation into languages never seen in training is zero-shot.",
+        flagging_mode="never",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    args = p.parse_args(argv)
+    from sparqle.evaluation import load_model
+
+    make_app(load_model(args.ckpt, "cuda" if torch.cuda.is_available() else "cpu")).launch(
+        server_name=args.host, server_port=args.port
+    )
+
+
+if __name__ == "__main__":
+    main()
