@@ -58,7 +58,7 @@ clean:
 	rm -rf $(VENV) .cache logs outputs
 
 DEMO_DIR ?= data/demo
-# The whole pipeline on tiny random models: speech synthesis -> stage 1 -> stage 2.
+# The whole pipeline on tiny random models: speech synthesis -> stage 1 -> stage 2 -> eval.
 demo: setup
 	$(PY) -m data_prep.synth_speech --out $(DEMO_DIR) --n 96 --seed 0 --val-fraction 0.25
 	$(PY) train.py experiment=tiny stage=pretrain task_name=demo_pretrain \
@@ -68,4 +68,6 @@ demo: setup
 	  data.train_manifest=$(DEMO_DIR)/train.jsonl data.val_manifest=$(DEMO_DIR)/val.jsonl \
 	  stage.init_from=logs/demo/pretrain/checkpoints/last.ckpt \
 	  hydra.run.dir=logs/demo/instruct trainer.max_steps=60 trainer.val_check_interval=30
-	@echo "demo: checkpoints and logs under logs/demo/"
+	$(PY) eval.py ckpt=logs/demo/instruct/checkpoints/last.ckpt data.test_manifest=$(DEMO_DIR)/val.jsonl \
+	  'tasks=[asr,translate_de]' out=logs/demo/report hydra.run.dir=logs/demo/eval
+	@echo "demo: checkpoints, logs and report under logs/demo/ (tiny random models: the numbers show the pipeline runs, not quality)"

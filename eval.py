@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
@@ -19,7 +18,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-import sparqle.config  # noqa: E402, F401  (registers resolvers)
+from sparqle.config import report_user_errors  # noqa: E402  (registers resolvers)
 from sparqle.data.manifest import ManifestError  # noqa: E402
 from sparqle.evaluation import (
     fingerprint,
@@ -89,13 +88,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    report_user_errors(evaluate, cfg, USER_ERRORS)
 
 
 if __name__ == "__main__":

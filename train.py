@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
@@ -14,7 +13,7 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sparqle.config import module_kwargs  # noqa: E402  (registers resolvers)
+from sparqle.config import module_kwargs, report_user_errors  # noqa: E402  (registers resolvers)
 from sparqle.data.manifest import ManifestError  # noqa: E402
 from sparqle.module import CheckpointMismatch, SparQLeModule, TrainingDiverged  # noqa: E402
 
@@ -48,14 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    report_user_errors(train, cfg, USER_ERRORS)
 
 
 if __name__ == "__main__":

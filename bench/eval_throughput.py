@@ -22,13 +22,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from train_step import ARCHITECTURES, architecture_dir, random_weights  # noqa: E402
+from train_step import build_module  # noqa: E402
 
 from data_prep.synth_speech import synthesise  # noqa: E402
-from sparqle.config import module_kwargs  # noqa: E402
 from sparqle.data.manifest_datamodule import ManifestDataModule  # noqa: E402
-from sparqle.module import SparQLeModule  # noqa: E402
 
 
 def main() -> None:
@@ -38,20 +35,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     args = p.parse_args()
-    os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
-    overrides = (
-        args.overrides
-        if any(o.startswith("experiment=") for o in args.overrides)
-        else ["experiment=tiny", *args.overrides]
-    )
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "stage=instruct", "paths.output_dir=/tmp"])
-    for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
-        if cfg[group].get(key) in ARCHITECTURES:
-            cfg[group][key] = architecture_dir(cfg[group][key], Path(cfg.paths.cache_dir))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with random_weights():
-        module = SparQLeModule(**module_kwargs(cfg)).to(device).eval()
+    module, cfg = build_module([*args.overrides, "stage=instruct"])
+    module.eval()
+    device = module.device
     if device.type == "cuda" and cfg.llm.dtype == "bfloat16":
         module.model.adapter.to(torch.bfloat16)
 

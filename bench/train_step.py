@@ -126,6 +126,22 @@ def random_weights():
             c.from_pretrained = f
 
 
+def build_module(overrides: list[str]):
+    """(SparQLeModule with random weights on the best device, composed config) from overrides."""
+    os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
+    if not any(o.startswith("experiment=") for o in overrides):
+        overrides = ["experiment=tiny", *overrides]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp"])
+    for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
+        if cfg[group].get(key) in ARCHITECTURES:
+            cfg[group][key] = architecture_dir(cfg[group][key], Path(cfg.paths.cache_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with random_weights():
+        module = SparQLeModule(**module_kwargs(cfg)).to(device)
+    return module, cfg
+
+
 def cpu_peak_flops(dtype: torch.dtype) -> float:
     """The best FLOP/s a large matmul reaches here: the denominator of MFU on a CPU."""
     a = torch.randn(2048, 2048, dtype=dtype)
@@ -150,22 +166,8 @@ def main() -> None:
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     args = p.parse_args()
 
-    os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
-    overrides = (
-        args.overrides
-        if any(o.startswith("experiment=") for o in args.overrides)
-        else ["experiment=tiny", *args.overrides]
-    )
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp"])
-    cache = Path(cfg.paths.cache_dir)
-    for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
-        name = cfg[group].get(key)
-        if name in ARCHITECTURES:
-            cfg[group][key] = architecture_dir(name, cache)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with random_weights():
-        module = SparQLeModule(**module_kwargs(cfg)).to(device)
+    module, cfg = build_module(args.overrides)
+    device = module.device
     module.train()
     sr = module.model.encoder.sample_rate
     n = int(args.seconds * sr)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +44,20 @@ def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "max_nonfinite_steps": cfg.max_nonfinite_steps,
         "train_tasks": training_tasks(cfg.data),
     }
+
+
+def report_user_errors(
+    fn: Callable[[DictConfig], Any], cfg: DictConfig, errors: tuple[type, ...]
+) -> Any:
+    """Run an entry point; a user error (bad path, field, option) ends it with one line.
+    HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    try:
+        return fn(cfg)
+    except errors as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 register_resolvers()

@@ -47,21 +47,16 @@ def _seed():
 @pytest.fixture(scope="session")
 def trained(tiny_dir, synth_data, tmp_path_factory) -> Path:
     """A tiny stage-2 model after one step, as a full checkpoint (model.ckpt) and an export."""
-    import lightning as L
 
     from sparqle.data.manifest_datamodule import ManifestDataModule
     from sparqle.export import export
-    from tests.test_module import _one_step, make_module
+    from tests.test_module import _one_step, make_module, save_checkpoint
 
     out = tmp_path_factory.mktemp("trained")
     module = make_module(tiny_dir, synth_data, "stage=instruct")
     dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
     dm.setup("fit")
     _one_step(module, next(iter(dm.train_dataloader())))
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(out / "model.ckpt")
+    save_checkpoint(module, out / "model.ckpt")
     export(out / "model.ckpt", out / "export")
     return out

@@ -3,13 +3,12 @@ import os
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 
 from sparqle.evaluation import length_cap, load_model
 from tests.conftest import ROOT
-from tests.test_module import make_module
+from tests.test_module import make_module, save_checkpoint
 
 
 def test_batched_generation_equals_one_at_a_time(trained, synth_data):
@@ -79,11 +78,7 @@ def test_eval_cli_compares_checkpoint_and_export(trained, tiny_dir, synth_data, 
 
 def test_eval_refuses_a_stage_one_model(tiny_dir, synth_data, tmp_path):
     module = make_module(tiny_dir, synth_data, "stage=pretrain")
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(tmp_path / "pre.ckpt")
+    save_checkpoint(module, tmp_path / "pre.ckpt")
     with pytest.raises(ValueError, match="stage-pretrain model cannot generate"):
         load_model(tmp_path / "pre.ckpt")
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):

@@ -5,21 +5,16 @@ from safetensors.torch import load_file
 
 from sparqle.export import export, load_exported
 from sparqle.module import CheckpointMismatch
-from tests.test_module import _one_step, make_module
+from tests.test_module import _one_step, make_module, save_checkpoint
 
 
 def test_export_holds_trainable_weights_and_rebuilds_the_model(
     tiny_dir, synth_data, batch, tmp_path
 ):
-    import lightning as L
 
     module = make_module(tiny_dir, synth_data, "stage=instruct")
     _one_step(module, batch)
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    save_checkpoint(module, tmp_path / "full.ckpt")
     info = export(tmp_path / "full.ckpt", tmp_path / "export")
     tensors = load_file(tmp_path / "export" / "adapter.safetensors")
     assert set(tensors) == set(module.trainable_names()) and info["tensors"] == len(tensors)

@@ -34,6 +34,17 @@ def batch(synth_data):
     return next(iter(dm.train_dataloader()))
 
 
+def save_checkpoint(module, path) -> None:
+    """A Lightning checkpoint of a module that has not been fitted."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+
+
 def _one_step(module, batch):
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -91,15 +102,10 @@ def test_lora_adds_exactly_its_parameters(tiny_dir, synth_data):
 def test_checkpoint_holds_trainable_weights_and_restores_exactly(
     tiny_dir, synth_data, batch, tmp_path
 ):
-    import lightning as L
 
     module = make_module(tiny_dir, synth_data, "stage=instruct")
     _one_step(module, batch)
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    save_checkpoint(module, tmp_path / "m.ckpt")
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
     saved = set(ckpt["state_dict"])
     assert set(module.trainable_names()) <= saved
@@ -119,15 +125,10 @@ def test_checkpoint_holds_trainable_weights_and_restores_exactly(
 def test_instruct_initialises_adapter_from_pretrain_checkpoint(
     tiny_dir, synth_data, batch, tmp_path
 ):
-    import lightning as L
 
     pre = make_module(tiny_dir, synth_data, "stage=pretrain")
     _one_step(pre, batch)
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(pre)
-    trainer.save_checkpoint(tmp_path / "pre.ckpt")
+    save_checkpoint(pre, tmp_path / "pre.ckpt")
     inst = make_module(
         tiny_dir, synth_data, "stage=instruct", f"stage.init_from={tmp_path / 'pre.ckpt'}"
     )

@@ -58,15 +58,7 @@ class ManifestDataset(Dataset):
         if self.max_seconds is not None and len(audio) > self.max_seconds * self.sample_rate:
             log.warning("skipping %s: longer than data.max_seconds=%s", utt.id, self.max_seconds)
             return None
-        return {
-            "id": utt.id,
-            "audio": audio,
-            "text": utt.text,
-            "task": choice.task,
-            "lang": choice.lang,
-            "instruction": choice.instruction,
-            "target": choice.target,
-        }
+        return choice.sample(utt, audio)
 
 
 class EpochSampler(DistributedSampler):

@@ -109,15 +109,7 @@ def decode_samples(
         if seconds < min_seconds or (max_seconds is not None and seconds > max_seconds):
             counter.add("duration out of range", f"{where} ({seconds:.2f} s)")
             continue
-        yield {
-            "id": utt.id,
-            "audio": audio,
-            "text": utt.text,
-            "task": choice.task,
-            "lang": choice.lang,
-            "instruction": choice.instruction,
-            "target": choice.target,
-        }
+        yield choice.sample(utt, audio)
 
 
 def batches_with_counts(

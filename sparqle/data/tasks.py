@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from sparqle.data.manifest import Utterance
 from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction
@@ -16,6 +19,18 @@ class TaskChoice:
     lang: str  # language of the target text
     instruction: str
     target: str
+
+    def sample(self, utt: Utterance, audio: np.ndarray) -> dict[str, Any]:
+        """The dict every DataModule yields per utterance, which `collate` batches."""
+        return {
+            "id": utt.id,
+            "audio": audio,
+            "text": utt.text,
+            "task": self.task,
+            "lang": self.lang,
+            "instruction": self.instruction,
+            "target": self.target,
+        }
 
 
 def parse_task(spec: str) -> tuple[str, str | None]:
