@@ -39,9 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info(
         "stage=%s: %.2fM of %.2fM parameters trainable", cfg.stage.name, n_train / 1e6, n_all / 1e6
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if cfg.get("test"):
-        trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
