@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	@if ! $(PY) -c "import torchaudio" 2>/dev/null; then \
 	  rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so; \
 	  $(PY) -c "import torchaudio.functional"; fi
-	$(PY) -m pip install -q -e ".[dev,wandb,cluster,demo]"
+	$(PY) -m pip install -q -e ".[dev,wandb,cluster,demo,assets]"
 	touch $(STAMP)
 
 # Debian packages the synthetic-speech tests and the demo need.

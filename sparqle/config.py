@@ -16,10 +16,19 @@ def _tiny(kind: str, root: str) -> str:
     return ensure_tiny(kind, root)
 
 
+def _packaged(name: str, root: str) -> str:
+    from sparqle.models.packaged import ensure_packaged
+
+    return ensure_packaged(name, root)
+
+
 def register_resolvers() -> None:
-    """`${tiny:KIND,ROOT}` -> path of a tiny random model, built on first use."""
+    """`${tiny:KIND,ROOT}`: a tiny random model, built on first use; `${packaged:NAME,ROOT}`: a
+    real pretrained part shipped in a PyPI package, converted on first use."""
     if not OmegaConf.has_resolver("tiny"):
         OmegaConf.register_new_resolver("tiny", _tiny, use_cache=True)
+    if not OmegaConf.has_resolver("packaged"):
+        OmegaConf.register_new_resolver("packaged", _packaged, use_cache=True)
 
 
 def training_tasks(data: DictConfig) -> list[str]:
