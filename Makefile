@@ -7,7 +7,8 @@ STAMP := $(VENV)/.sparqle-setup
 # CPU machines take the CPU wheel of torch; GPU users: make setup TORCH_SPEC=torch (any CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 TORCHAUDIO_SPEC ?= torchaudio==2.11.0
-APT_PACKAGES := espeak-ng
+# command:Debian package; the demo's TTS voices (festival's needs its voice package too)
+APT_NEEDS := espeak-ng:espeak-ng flite:flite text2wave:festival /usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -35,7 +36,8 @@ $(STAMP): pyproject.toml Makefile
 
 # Debian packages the synthetic-speech tests and the demo need.
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for need in $(APT_NEEDS); do what=$${need%%:*}; pkg=$${need##*:}; \
+	  if ! command -v $$what >/dev/null && [ ! -e $$what ]; then missing="$$missing $$pkg"; fi; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (apt-get)"; \

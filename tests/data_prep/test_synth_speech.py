@@ -52,3 +52,31 @@ def test_synthesised_corpus(synth_data):
     train = (synth_data / "train.jsonl").read_text().splitlines()
     val = (synth_data / "val.jsonl").read_text().splitlines()
     assert len(train) == 18 and len(val) == 6
+
+
+def test_split_holds_out_sentences_and_voices(tmp_path):
+    from data_prep.synth_speech import main
+
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--n",
+            "12",
+            "--val-fraction",
+            "0.25",
+            "--voices",
+            "espeak-ng:en-us+m1,flite:slt",
+            "--heldout-voices",
+            "flite:awb,festival:cmu_us_slt_arctic_hts",
+        ]
+    )
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert len(train) == 9 and len(val) == 3
+    assert {r["speaker"] for r in train} == {"espeak-ng:en-us+m1", "flite:slt"}
+    assert {r["speaker"] for r in val} <= {"flite:awb", "festival:cmu_us_slt_arctic_hts"}
+    assert not {r["text"] for r in train} & {r["text"] for r in val}
+    for r in train + val:
+        info = sf.info(tmp_path / r["audio"])
+        assert info.samplerate == 16000 and 0.5 < info.duration < 8
