@@ -7,6 +7,7 @@ feature-extractor config and runs here, so training and inference cannot differ.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ class SpeechEncoder(nn.Module):
         frozen: bool = True,
         dtype: str = "float32",
         sample_rate: int = 16000,
+        cache_features: bool = False,
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
@@ -103,6 +105,15 @@ class SpeechEncoder(nn.Module):
         if frozen:
             self.model.requires_grad_(False)
             self.model.eval()
+        if cache_features and (not frozen or self.layer == "weighted"):
+            raise ValueError(
+                "encoder.cache_features needs a frozen encoder and a fixed encoder.layer"
+            )
+        # Frozen features of each clip, keyed by a hash of its samples: a clip seen again (next
+        # epoch, validation) skips the encoder. Exact, since a frozen encoder is deterministic
+        # and padding-invariant; memory grows with the number of distinct clips.
+        self.cache_features = cache_features
+        self._cache: dict[bytes, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> SpeechEncoder:
         super().train(mode)
@@ -139,6 +150,29 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
         """audio (B, S) float at `sample_rate`, zero-padded; audio_lens (B,) in samples."""
+        if self.cache_features:
+            return self._cached(audio, audio_lens)
+        return self._encode(audio, audio_lens)
+
+    def _cached(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
+        lens = audio_lens.tolist()
+        host = audio.detach().cpu()
+        keys = [
+            hashlib.blake2b(host[i, :n].numpy().tobytes(), digest_size=16).digest()
+            for i, n in enumerate(lens)
+        ]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            longest = max(lens[i] for i in todo)
+            fresh = self._encode(audio[todo, :longest], audio_lens[todo])
+            for j, i in enumerate(todo):
+                self._cache[keys[i]] = fresh.features[j, : int(fresh.mask[j].sum())].detach().cpu()
+        feats = [self._cache[k] for k in keys]
+        frames = torch.tensor([f.shape[0] for f in feats], device=audio.device)
+        features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(audio.device)
+        return EncoderOutput(features=features, mask=lengths_to_mask(frames, features.shape[1]))
+
+    def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.model_type in WHISPER_TYPES:
                 states, lengths = self._whisper(audio, audio_lens)

@@ -76,3 +76,25 @@ def test_layer_choice_and_frozen_weights(encoders):
 def test_unsupported_model_type_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="not a supported speech encoder"):
         SpeechEncoder(tiny["llm"])
+
+
+def test_feature_cache_returns_the_same_features_without_rerunning(encoders, monkeypatch):
+    plain = SpeechEncoder(encoders["hubert"])
+    cached = SpeechEncoder(encoders["hubert"], cache_features=True)
+    audio, lens = _batch([16000, 9000, 4000])
+    first = cached(audio, lens)
+    calls = []
+    monkeypatch.setattr(cached, "_encode", lambda *a: calls.append(a) or plain(*a))
+    again = cached(audio[[2, 0]], lens[[2, 0]])  # same clips, another batch: all from the cache
+    assert calls == []
+    ref = plain(audio, lens)
+    for src, i in ((again, 0), (again, 1)):
+        j = [2, 0][i]
+        t = int(src.mask[i].sum())
+        assert t == int(ref.mask[j].sum())
+        torch.testing.assert_close(src.features[i, :t], ref.features[j, :t], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        first.features[0], ref.features[0][: first.features.shape[1]], atol=1e-4, rtol=1e-4
+    )
+    with pytest.raises(ValueError, match="cache_features needs a frozen encoder"):
+        SpeechEncoder(encoders["hubert"], layer="weighted", cache_features=True)
