@@ -8,7 +8,9 @@ feature-extractor config and runs here, so training and inference cannot differ.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +50,8 @@ class SpeechEncoder(nn.Module):
         dtype: str = "float32",
         sample_rate: int = 16000,
         cache_features: bool = False,
+        cache_dir: str | None = None,
+        whisper_window_seconds: float | None = None,
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
@@ -60,6 +64,20 @@ class SpeechEncoder(nn.Module):
             del full
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path)
             self.normalize = False
+            if whisper_window_seconds:  # a shorter fixed window: the first positions, less padding
+                frames = (
+                    int(whisper_window_seconds * sample_rate) // self.feature_extractor.hop_length
+                )
+                positions = frames // 2
+                if not 0 < positions <= self.model.config.max_source_positions:
+                    raise ValueError(
+                        f"encoder.whisper_window_seconds={whisper_window_seconds}: must be in (0, 30]"
+                    )
+                weight = self.model.embed_positions.weight[:positions].detach().clone()
+                self.model.embed_positions = nn.Embedding.from_pretrained(weight, freeze=True)
+                self.model.config.max_source_positions = positions
+                self.feature_extractor.n_samples = frames * self.feature_extractor.hop_length
+                self.feature_extractor.nb_max_frames = frames
         elif self.model_type in SSL_TYPES:
             self.model = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype)
             try:
@@ -112,8 +130,17 @@ class SpeechEncoder(nn.Module):
         # Frozen features of each clip, keyed by a hash of its samples: a clip seen again (next
         # epoch, validation) skips the encoder. Exact, since a frozen encoder is deterministic
         # and padding-invariant; memory grows with the number of distinct clips.
+        # With cache_dir the features also go to disk (one file per clip), so later runs, the
+        # next training stage and evaluation reuse them; the folder is per encoder and layer.
         self.cache_features = cache_features
         self._cache: dict[bytes, torch.Tensor] = {}
+        self.cache_dir = None
+        if cache_features and cache_dir:
+            tag = hashlib.blake2b(
+                f"{name_or_path}|{layer}|{whisper_window_seconds}".encode(), digest_size=8
+            ).hexdigest()
+            self.cache_dir = Path(cache_dir) / tag
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def train(self, mode: bool = True) -> SpeechEncoder:
         super().train(mode)
@@ -161,12 +188,23 @@ class SpeechEncoder(nn.Module):
             hashlib.blake2b(host[i, :n].numpy().tobytes(), digest_size=16).digest()
             for i, n in enumerate(lens)
         ]
+        if self.cache_dir is not None:
+            for k in keys:
+                path = self.cache_dir / f"{k.hex()}.pt"
+                if k not in self._cache and path.is_file():
+                    self._cache[k] = torch.load(path, weights_only=True)
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
             longest = max(lens[i] for i in todo)
             fresh = self._encode(audio[todo, :longest], audio_lens[todo])
             for j, i in enumerate(todo):
-                self._cache[keys[i]] = fresh.features[j, : int(fresh.mask[j].sum())].detach().cpu()
+                self._cache[keys[i]] = (
+                    fresh.features[j, : int(fresh.mask[j].sum())].detach().cpu().clone()
+                )
+                if self.cache_dir is not None:
+                    tmp = self.cache_dir / f".{keys[i].hex()}.{os.getpid()}.tmp"
+                    torch.save(self._cache[keys[i]], tmp)
+                    tmp.replace(self.cache_dir / f"{keys[i].hex()}.pt")
         feats = [self._cache[k] for k in keys]
         frames = torch.tensor([f.shape[0] for f in feats], device=audio.device)
         features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(audio.device)
@@ -214,11 +252,17 @@ class SpeechEncoder(nn.Module):
         return states, lengths
 
     def _whisper(self, audio: torch.Tensor, audio_lens: torch.Tensor):
-        # Whisper always sees its native 30-s window, so each utterance is padded alike and
-        # a batch gives the same frames as one utterance alone.
+        # Whisper always sees a fixed window (30 s natively), so each utterance is padded alike and
+        # a batch gives the same frames as one utterance alone; longer audio is cut to the window.
         waves = [a[: int(n)].float().cpu().numpy() for a, n in zip(audio, audio_lens, strict=True)]
-        feats = self.feature_extractor(
-            waves, sampling_rate=self.sample_rate, return_tensors="pt", padding="max_length"
+        fe = self.feature_extractor
+        feats = fe(
+            waves,
+            sampling_rate=self.sample_rate,
+            return_tensors="pt",
+            padding="max_length",
+            max_length=fe.n_samples,
+            truncation=True,
         ).input_features
         dtype = next(self.model.parameters()).dtype
         states = self._run(input_features=feats.to(audio.device, dtype))

@@ -70,7 +70,10 @@ def _corpus() -> list[str]:
     return _CORPUS * 4
 
 
-def tiny_llm_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
+def tiny_llm_tokenizer(
+    vocab_size: int = 800, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Llama-3-style chat specials and template, learnt from `corpus`."""
     specials = [
         "<|begin_of_text|>",
         "<|eot_id|>",
@@ -87,7 +90,7 @@ def tiny_llm_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus or _corpus(), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",

@@ -98,3 +98,17 @@ def test_feature_cache_returns_the_same_features_without_rerunning(encoders, mon
     )
     with pytest.raises(ValueError, match="cache_features needs a frozen encoder"):
         SpeechEncoder(encoders["hubert"], layer="weighted", cache_features=True)
+
+
+def test_feature_cache_on_disk_serves_a_new_process(encoders, tmp_path, monkeypatch):
+    audio, lens = _batch([8000, 5000])
+    first = SpeechEncoder(encoders["hubert"], cache_features=True, cache_dir=str(tmp_path))(
+        audio, lens
+    )
+    later = SpeechEncoder(encoders["hubert"], cache_features=True, cache_dir=str(tmp_path))
+    monkeypatch.setattr(
+        later, "_encode", lambda *a: pytest.fail("encoder ran despite the disk cache")
+    )
+    again = later(audio, lens)
+    assert torch.equal(first.features, again.features) and torch.equal(first.mask, again.mask)
+    assert len(list(tmp_path.rglob("*.pt"))) == 2
