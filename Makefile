@@ -60,16 +60,31 @@ clean:
 	rm -rf $(VENV) .cache logs outputs
 
 DEMO_DIR ?= data/demo
-# The whole pipeline on tiny random models: speech synthesis -> stage 1 -> stage 2 -> eval.
+DEMO_LOGS ?= logs/demo
+DEMO_TRAIN_VOICES ?= espeak-ng:en-us+m1,espeak-ng:en-us+f2,espeak-ng:en+m3,flite:slt,flite:rms,flite:kal16
+DEMO_HELDOUT_VOICES ?= flite:awb,festival:cmu_us_slt_arctic_hts
+DEMO_STAGE1_STEPS ?= 150
+DEMO_STAGE2_STEPS ?= 600
+TIMED = t=$$(date +%s); trap 'echo "[demo] $$step: $$(( $$(date +%s) - t )) s" | tee -a $(DEMO_LOGS)/timings.txt' EXIT;
+
+# The paper in miniature on real pretrained parts, offline on a CPU (conf/experiment/demo.yaml):
+# speech -> shards -> a text-only LLM -> stage 1 -> stage 2 (English only) -> zero-shot eval.
 demo: setup
-	$(PY) -m data_prep.synth_speech --out $(DEMO_DIR) --n 96 --seed 0 --val-fraction 0.25
-	$(PY) train.py experiment=tiny stage=pretrain task_name=demo_pretrain \
-	  data.train_manifest=$(DEMO_DIR)/train.jsonl data.val_manifest=$(DEMO_DIR)/val.jsonl \
-	  hydra.run.dir=logs/demo/pretrain trainer.max_steps=60 trainer.val_check_interval=30
-	$(PY) train.py experiment=tiny stage=instruct task_name=demo_instruct \
-	  data.train_manifest=$(DEMO_DIR)/train.jsonl data.val_manifest=$(DEMO_DIR)/val.jsonl \
-	  stage.init_from=logs/demo/pretrain/checkpoints/last.ckpt \
-	  hydra.run.dir=logs/demo/instruct trainer.max_steps=60 trainer.val_check_interval=30
-	$(PY) eval.py ckpt=logs/demo/instruct/checkpoints/last.ckpt data.test_manifest=$(DEMO_DIR)/val.jsonl \
-	  'tasks=[asr,translate_de]' out=logs/demo/report hydra.run.dir=logs/demo/eval
-	@echo "demo: checkpoints, logs and report under logs/demo/ (tiny random models: the numbers show the pipeline runs, not quality)"
+	@rm -rf $(DEMO_LOGS); mkdir -p $(DEMO_LOGS)
+	@step="1 synthesise speech"; $(TIMED) $(PY) -m data_prep.synth_speech --out $(DEMO_DIR) --n 576 --seed 0 \
+	  --val-fraction 0.1667 --voices $(DEMO_TRAIN_VOICES) --heldout-voices $(DEMO_HELDOUT_VOICES)
+	@step="2 shard"; $(TIMED) for s in train val; do \
+	  $(PY) -m data_prep.make_shards --manifest $(DEMO_DIR)/$$s.jsonl --out $(DEMO_DIR)/shards --split $$s --shard-size-mb 2 || exit 1; done
+	@step="3 text-only LLM"; $(TIMED) $(PY) -m data_prep.text_llm --out .cache/demo-text-llm --steps 300 \
+	  --exclude $(DEMO_DIR)/val.jsonl
+	@step="4 stage 1 (Q-Former: ITC+ITM+ITG)"; $(TIMED) $(PY) train.py experiment=demo stage=pretrain \
+	  trainer.max_steps=$(DEMO_STAGE1_STEPS) trainer.val_check_interval=50 hydra.run.dir=$(DEMO_LOGS)/pretrain
+	@step="5 stage 2 (English speech -> English text)"; $(TIMED) $(PY) train.py experiment=demo stage=instruct \
+	  trainer.max_steps=$(DEMO_STAGE2_STEPS) stage.init_from=$(DEMO_LOGS)/pretrain/checkpoints/last.ckpt \
+	  hydra.run.dir=$(DEMO_LOGS)/instruct
+	@step="6 evaluate held-out voices and sentences"; $(TIMED) $(PY) eval.py \
+	  ckpt=$(DEMO_LOGS)/instruct/checkpoints/last.ckpt data=shards data.val.urls=$(DEMO_DIR)/shards/val.json \
+	  'tasks=[asr,translate_de,translate_fr]' out=$(DEMO_LOGS)/report hydra.run.dir=$(DEMO_LOGS)/eval \
+	  > $(DEMO_LOGS)/eval.log
+	@cat $(DEMO_LOGS)/report/report.md
+	@$(PY) -m data_prep.demo_summary $(DEMO_LOGS)
