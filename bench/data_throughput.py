@@ -30,11 +30,15 @@ from sparqle.data.shard_datamodule import ShardDataModule, expand_urls  # noqa: 
 def ensure_shards(n: int) -> Path:
     from data_prep.make_shards import make_shards
     from data_prep.synth_speech import synthesise
+    from sparqle.data.manifest import write_manifest
 
     cache = ROOT / ".cache" / f"bench-data-{n}"
     index = cache / "shards" / "train.json"
     if not index.is_file():  # 5 sentences a clip: ~12-s clips, LibriSpeech's typical length
-        synthesise(cache / "corpus", n, seed=0, sentences_per_clip=5)
+        write_manifest(
+            cache / "corpus" / "manifest.jsonl",
+            synthesise(cache / "corpus", n, seed=0, sentences_per_clip=5),
+        )
         make_shards(
             cache / "corpus" / "manifest.jsonl",
             cache / "shards",

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from train_step import build_module  # noqa: E402
 
 from data_prep.synth_speech import synthesise  # noqa: E402
+from sparqle.data.manifest import write_manifest  # noqa: E402
 from sparqle.data.manifest_datamodule import ManifestDataModule  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main() -> None:
         module.model.adapter.to(torch.bfloat16)
 
     with tempfile.TemporaryDirectory() as tmp:
-        synthesise(Path(tmp), args.n, seed=1)
+        write_manifest(Path(tmp) / "manifest.jsonl", synthesise(Path(tmp), args.n, seed=1))
         dm = ManifestDataModule(test_manifest=str(Path(tmp) / "manifest.jsonl"), num_workers=0)
         batches = list(dm.eval_dataloader("transcribe", batch_size=args.batch))
     gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
