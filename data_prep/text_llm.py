@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_prep.grammar import Sentence, sample_sentence
 from sparqle.data.prompts import INSTRUCTIONS, TRANSCRIBE, TRANSLATE, instruction
 from sparqle.models.llm import LLM, SPEECH_PLACEHOLDER
-from sparqle.models.tiny import tiny_llm_tokenizer
+from sparqle.models.tiny import save_llama, tiny_llm_tokenizer
 
 LANGS = {"de": "German", "fr": "French"}
 
@@ -87,21 +86,17 @@ def build(
         " ".join(v) for v in INSTRUCTIONS.values()
     ]
     tokenizer = tiny_llm_tokenizer(vocab_size=1200, corpus=corpus)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    save_llama(
+        out,
+        tokenizer,
         hidden_size=192,
         intermediate_size=512,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
     llm = LLM(str(out), frozen=False)
     model = llm.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -139,7 +134,6 @@ def build(
 @torch.no_grad()
 def exact_match(llm: LLM, pool: list[Sentence]) -> float:
     """Share of held-out sentences translated into German exactly (greedy)."""
-    rng = random.Random(1)
     pairs = [
         (llm.render_prompt(instruction(TRANSLATE, "de")).replace(SPEECH_PLACEHOLDER, s.en), s.de)
         for s in pool
@@ -155,7 +149,6 @@ def exact_match(llm: LLM, pool: list[Sentence]) -> float:
         pad_token_id=tok.pad_token_id,
     )
     hyps = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-    del rng
     return sum(h.strip() == t for h, (_, t) in zip(hyps, pairs, strict=True)) / len(pairs)
 
 

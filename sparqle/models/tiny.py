@@ -196,23 +196,31 @@ def build_tiny_bert(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_tiny_llm(out: Path) -> None:
-    tokenizer = tiny_llm_tokenizer()
+def save_llama(out: Path, tokenizer: PreTrainedTokenizerFast, **dims) -> None:
+    """A randomly initialised Llama sized by `dims`, with its tokenizer, as a transformers directory."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dims,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_llm(out: Path) -> None:
+    save_llama(
+        out,
+        tiny_llm_tokenizer(),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 _BUILDERS = {
