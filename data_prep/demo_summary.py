@@ -12,7 +12,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     logs = Path((argv or sys.argv[1:])[0])
-    rows = list(csv.DictReader((logs / "pretrain" / "csv" / "version_0" / "metrics.csv").open()))
+    metrics = logs / "pretrain" / "csv" / "version_0" / "metrics.csv"
+    rows = list(csv.DictReader(metrics.open())) if metrics.is_file() else []  # not run: no stage 1
     r1 = [float(r["val/r_at_1_in_batch"]) for r in rows if r.get("val/r_at_1_in_batch")]
     if r1:
         print(
@@ -21,9 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     timings = (logs / "timings.txt").read_text().splitlines()
     total = sum(int(line.rsplit(":", 1)[1].split()[0]) for line in timings)
     print("\n".join(timings) + f"\n[demo] total: {total} s ({total / 60:.1f} min)")
-    print(
-        f"report: {logs}/report/report.md  checkpoints: {logs}/pretrain, {logs}/instruct  logs: {logs}"
-    )
+    ckpts = ", ".join(str(logs / s) for s in ("pretrain", "instruct") if (logs / s).is_dir())
+    print(f"report: {logs}/report/report.md  checkpoints: {ckpts}  logs: {logs}")
 
 
 if __name__ == "__main__":

@@ -126,10 +126,19 @@ class SparQLeModule(L.LightningModule):
         return [k for k in self.state_dict() if k in trainable or not k.startswith(pretrained)]
 
     def load_adapter_from(self, path: str) -> None:
-        """Initialise the adapter from another checkpoint (e.g. stage 1); other weights are ignored."""
+        """Initialise the adapter from what another run (e.g. stage 1) trained; the rest is ignored.
+
+        Tensors that run kept but never trained (stage 1's projection into its LLM) are skipped,
+        so a stage-1 checkpoint serves any LLM.
+        """
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt)
-        wanted = {k: v for k, v in state.items() if k.startswith("model.adapter.")}
+        learned = ckpt.get("sparqle_trainable")
+        wanted = {
+            k: v
+            for k, v in state.items()
+            if k.startswith("model.adapter.") and (learned is None or k in learned)
+        }
         if not wanted:
             raise CheckpointMismatch(
                 f"stage.init_from={path}: no adapter weights in this checkpoint"

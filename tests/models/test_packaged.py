@@ -57,3 +57,20 @@ def test_minilm_initialises_the_qformer(tmp_path):
         qf.qformer.encoder.layer[5].output_query.dense.weight,
         bert.encoder.layer[5].output.dense.weight,
     )
+
+
+def test_smollm2_gguf_converts_to_a_working_llm(tmp_path):
+    from sparqle.models.llm import LLM
+
+    path = ensure_packaged("smollm2-135m-instruct", tmp_path)
+    llm = LLM(path)
+    assert llm.hidden_size == 576 and llm.use_chat_template
+    # the dequantised weights must still be the instruction-tuned model: it answers a question
+    prompt = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = llm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = llm.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in llm.tokenizer.decode(out[0, ids.input_ids.shape[1] :])
