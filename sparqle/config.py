@@ -22,13 +22,22 @@ def _packaged(name: str, root: str) -> str:
     return ensure_packaged(name, root)
 
 
+def _cpu_bf16(native: str, otherwise: str) -> str:
+    from sparqle.strategies import cpu_has_native_bf16
+
+    return native if cpu_has_native_bf16() else otherwise
+
+
 def register_resolvers() -> None:
     """`${tiny:KIND,ROOT}`: a tiny random model, built on first use; `${packaged:NAME,ROOT}`: a
-    real pretrained part shipped in a PyPI package, converted on first use."""
+    real pretrained part shipped in a PyPI package, converted on first use;
+    `${cpu_bf16:A,B}`: A where the CPU has bf16 maths in hardware, else B."""
     if not OmegaConf.has_resolver("tiny"):
         OmegaConf.register_new_resolver("tiny", _tiny, use_cache=True)
     if not OmegaConf.has_resolver("packaged"):
         OmegaConf.register_new_resolver("packaged", _packaged, use_cache=True)
+    if not OmegaConf.has_resolver("cpu_bf16"):
+        OmegaConf.register_new_resolver("cpu_bf16", _cpu_bf16, use_cache=True)
 
 
 def training_tasks(data: DictConfig) -> list[str]:

@@ -230,7 +230,7 @@ class SparQLeModule(L.LightningModule):
     # ----------------------------------------------------------------- steps
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.stage == "pretrain":
-            enc = self.model.encoder(batch["audio"], batch["audio_lens"])
+            enc = self.model.encode(batch["audio"], batch["audio_lens"])
             return self.heads(self.model.adapter.qformer, enc.features, enc.mask, batch["text"])
         loss, inputs = self.model(
             batch["audio"], batch["audio_lens"], batch["instruction"], batch["target"]

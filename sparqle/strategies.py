@@ -1,7 +1,9 @@
-"""Distributed strategies whose settings depend on the model: FSDP wraps each repeated block."""
+"""How training runs on the hardware: FSDP wraps each repeated block; bf16 on CPUs that have it."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
@@ -43,3 +45,18 @@ def fsdp_strategy(
         activation_checkpointing_policy=blocks if activation_checkpointing else None,
         **kwargs,
     )
+
+
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX, Arm FEAT_BF16
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU does bf16 matrix maths in hardware (there bf16 is ~2x faster than fp32;
+    elsewhere it is emulated and slower). Reads /proc/cpuinfo; False where it cannot tell."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    lines = re.findall(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.MULTILINE)
+    return bool(lines) and bool(BF16_CPU_FLAGS & set(lines[0].split()))

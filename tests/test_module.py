@@ -154,3 +154,13 @@ def test_instruct_initialises_adapter_from_pretrain_checkpoint(
         make_module(
             tiny_dir, synth_data, "stage=instruct", f"stage.init_from={tmp_path / 'bad.ckpt'}"
         )
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_bf16_frozen_encoder_feeds_the_fp32_adapter(tiny_dir, synth_data, batch, stage):
+    # the demo's setting on CPUs with bf16 maths: half-cost encoding, full-precision training
+    module = make_module(tiny_dir, synth_data, f"stage={stage}", "encoder.dtype=bfloat16")
+    assert next(module.model.encoder.parameters()).dtype == torch.bfloat16
+    loss = module._losses(batch)["loss"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()

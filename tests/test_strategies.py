@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerLayer
 
 from sparqle.models.pretrain import gather_with_grad
-from sparqle.strategies import block_classes
+from sparqle.strategies import block_classes, cpu_has_native_bf16
 from tests.conftest import ROOT
 from tests.test_module import make_cfg, make_module
 
@@ -103,3 +103,18 @@ def test_ddp_two_processes_over_gloo_one_run_directory(tiny_dir, synth_data, tmp
     ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
     assert 'world_size": 2' in (runs[0] / "run_info.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd crc32 atomics\n", False),
+        ("", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+    assert cpu_has_native_bf16(cpuinfo) is native

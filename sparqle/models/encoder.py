@@ -131,13 +131,13 @@ class SpeechEncoder(nn.Module):
         # epoch, validation) skips the encoder. Exact, since a frozen encoder is deterministic
         # and padding-invariant; memory grows with the number of distinct clips.
         # With cache_dir the features also go to disk (one file per clip), so later runs, the
-        # next training stage and evaluation reuse them; the folder is per encoder and layer.
+        # next training stage and evaluation reuse them; the folder is per encoder, layer and dtype.
         self.cache_features = cache_features
         self._cache: dict[bytes, torch.Tensor] = {}
         self.cache_dir = None
         if cache_features and cache_dir:
             tag = hashlib.blake2b(
-                f"{name_or_path}|{layer}|{whisper_window_seconds}".encode(), digest_size=8
+                f"{name_or_path}|{layer}|{whisper_window_seconds}|{dtype}".encode(), digest_size=8
             ).hexdigest()
             self.cache_dir = Path(cache_dir) / tag
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -256,14 +256,15 @@ class SpeechEncoder(nn.Module):
         # a batch gives the same frames as one utterance alone; longer audio is cut to the window.
         waves = [a[: int(n)].float().cpu().numpy() for a, n in zip(audio, audio_lens, strict=True)]
         fe = self.feature_extractor
-        feats = fe(
-            waves,
-            sampling_rate=self.sample_rate,
-            return_tensors="pt",
-            padding="max_length",
-            max_length=fe.n_samples,
-            truncation=True,
-        ).input_features
+        with torch.autocast("cpu", enabled=False):  # its log-mel maths must stay float32 (numpy)
+            feats = fe(
+                waves,
+                sampling_rate=self.sample_rate,
+                return_tensors="pt",
+                padding="max_length",
+                max_length=fe.n_samples,
+                truncation=True,
+            ).input_features
         dtype = next(self.model.parameters()).dtype
         states = self._run(input_features=feats.to(audio.device, dtype))
         return states, self.output_lengths(audio_lens).clamp(max=states[-1].shape[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparqle.models.encoder import SpeechEncoder
+from sparqle.models.encoder import EncoderOutput, SpeechEncoder
 from sparqle.models.llm import LLM, SPEECH_SLOT, LLMInputs
 
 
@@ -23,10 +23,16 @@ class SparQLe(nn.Module):
         """(speech embeddings, all attended positions) in a batch of LLM inputs."""
         return int((inputs.token_ids == SPEECH_SLOT).sum()), int(inputs.attention_mask.sum())
 
+    def encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
+        """Encoder features in the adapter's dtype: a bf16 frozen encoder may feed an fp32 adapter."""
+        enc = self.encoder(audio, audio_lens)
+        dtype = next(self.adapter.parameters()).dtype
+        return EncoderOutput(features=enc.features.to(dtype), mask=enc.mask)
+
     def embed_speech(
         self, audio: torch.Tensor, audio_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.encoder(audio, audio_lens)
+        enc = self.encode(audio, audio_lens)
         return self.adapter(enc.features, enc.mask)
 
     def forward(

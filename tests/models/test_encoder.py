@@ -112,3 +112,23 @@ def test_feature_cache_on_disk_serves_a_new_process(encoders, tmp_path, monkeypa
     again = later(audio, lens)
     assert torch.equal(first.features, again.features) and torch.equal(first.mask, again.mask)
     assert len(list(tmp_path.rglob("*.pt"))) == 2
+
+    # a bf16 copy of the encoder gives other features, so it keeps its own cache folder
+    bf16 = SpeechEncoder(
+        encoders["hubert"], dtype="bfloat16", cache_features=True, cache_dir=str(tmp_path)
+    )
+    assert bf16(audio, lens).features.dtype == torch.bfloat16
+    assert len(list(tmp_path.rglob("*.pt"))) == 4
+
+
+@pytest.mark.parametrize("name", ["hubert", "whisper"])
+def test_bf16_encoder_runs_under_cpu_autocast(encoders, name):
+    # bf16-mixed training on a CPU: Whisper's log-mel front end must still run in float32
+    enc = SpeechEncoder(encoders[name], dtype="bfloat16")
+    audio, lens = _batch([16000, 9000])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(audio, lens)
+    ref = SpeechEncoder(encoders[name])(audio, lens)
+    assert out.features.dtype == torch.bfloat16 and torch.equal(out.mask, ref.mask)
+    rel = (out.features.float() - ref.features).norm() / ref.features.norm()
+    assert rel < 0.05, rel  # the same features, to bf16 precision
