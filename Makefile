@@ -67,8 +67,12 @@ DEMO_DIR ?= data/demo
 DEMO_LOGS ?= logs/demo
 DEMO_TRAIN_VOICES ?= espeak-ng:en-us+m1,espeak-ng:en-us+f2,espeak-ng:en+m3,flite:slt,flite:rms,flite:kal16
 DEMO_HELDOUT_VOICES ?= flite:awb,festival:cmu_us_slt_arctic_hts
-DEMO_STAGE1_STEPS ?= 150
+DEMO_CLIPS ?= 1248
+DEMO_VAL_CLIPS ?= 96
+DEMO_STAGE1_STEPS ?= 300
 DEMO_STAGE2_STEPS ?= 600
+# more Hydra overrides for both training stages, e.g. DEMO_OVERRIDES="adapter.num_queries=32"
+DEMO_OVERRIDES ?=
 TIMED = t=$$(date +%s); trap 'echo "[demo] $$step: $$(( $$(date +%s) - t )) s" | tee -a $(LOGS)/timings.txt' EXIT;
 demo: LOGS = $(DEMO_LOGS)
 
@@ -76,15 +80,15 @@ demo: LOGS = $(DEMO_LOGS)
 # speech -> shards -> a text-only LLM -> stage 1 -> stage 2 (English only) -> zero-shot eval.
 demo: setup
 	@rm -rf $(DEMO_LOGS); mkdir -p $(DEMO_LOGS)
-	@step="1 synthesise speech"; $(TIMED) $(PY) -m data_prep.synth_speech --out $(DEMO_DIR) --n 576 --seed 0 \
-	  --val-fraction 0.1667 --voices $(DEMO_TRAIN_VOICES) --heldout-voices $(DEMO_HELDOUT_VOICES)
+	@step="1 synthesise speech"; $(TIMED) $(PY) -m data_prep.synth_speech --out $(DEMO_DIR) --n $(DEMO_CLIPS) --seed 0 \
+	  --val-fraction $$(awk 'BEGIN{print $(DEMO_VAL_CLIPS) / $(DEMO_CLIPS)}') --voices $(DEMO_TRAIN_VOICES) --heldout-voices $(DEMO_HELDOUT_VOICES)
 	@step="2 shard"; $(TIMED) for s in train val; do \
 	  $(PY) -m data_prep.make_shards --manifest $(DEMO_DIR)/$$s.jsonl --out $(DEMO_DIR)/shards --split $$s --shard-size-mb 2 || exit 1; done
 	@step="3 text-only LLM"; $(TIMED) $(PY) -m data_prep.text_llm --out .cache/demo-text-llm --steps 300 \
 	  --exclude $(DEMO_DIR)/val.jsonl
-	@step="4 stage 1 (Q-Former: ITC+ITM+ITG)"; $(TIMED) $(PY) train.py experiment=demo stage=pretrain \
+	@step="4 stage 1 (Q-Former: ITC+ITM+ITG)"; $(TIMED) $(PY) train.py experiment=demo stage=pretrain $(DEMO_OVERRIDES) \
 	  trainer.max_steps=$(DEMO_STAGE1_STEPS) trainer.val_check_interval=50 hydra.run.dir=$(DEMO_LOGS)/pretrain
-	@step="5 stage 2 (English speech -> English text)"; $(TIMED) $(PY) train.py experiment=demo stage=instruct \
+	@step="5 stage 2 (English speech -> English text)"; $(TIMED) $(PY) train.py experiment=demo stage=instruct $(DEMO_OVERRIDES) \
 	  trainer.max_steps=$(DEMO_STAGE2_STEPS) stage.init_from=$(DEMO_LOGS)/pretrain/checkpoints/last.ckpt \
 	  hydra.run.dir=$(DEMO_LOGS)/instruct
 	@step="6 evaluate held-out voices and sentences"; $(TIMED) $(PY) eval.py \
