@@ -66,7 +66,9 @@ def main() -> None:
             batch = torch.nn.utils.rnn.pad_sequence(part, batch_first=True)
             start = time.perf_counter()
             with torch.no_grad():
-                states = enc._whisper(batch, lens)[0][-1]  # the whole window, as the decoder expects
+                states = enc._whisper(batch, lens)[0][
+                    -1
+                ]  # the whole window, as the decoder expects
                 seconds += time.perf_counter() - start
                 out = model.generate(
                     encoder_outputs=BaseModelOutput(last_hidden_state=states), max_new_tokens=40
