@@ -71,3 +71,12 @@ def test_eval_throughput_bench(tiny_dir):
         "4",
     )
     assert "one at a time" in out and "batches of 4" in out and "ratio" in out
+
+
+def test_cpu_bf16_bench():
+    out = _run(
+        "bench/cpu_bf16.py", "--batch", "2", "--seconds", "1", "--tokens", "8", "--repeats", "1"
+    )
+    rows = [line for line in out.splitlines() if "SmolLM2-135M fwd+bwd" in line]
+    assert [r.split(":")[0].strip() for r in rows] == ["float32", "bfloat16"], out
+    assert out.startswith("native bf16 on this CPU: ")
