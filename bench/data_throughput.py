@@ -80,13 +80,10 @@ def librispeech_like_padding(n: int = 20000, seed: int = 0) -> tuple[float, floa
             rng.uniform(1, 10, n - int(n * 0.85)),
         ]
     )
-    samples = [{"audio": np.empty(int(s * 100), np.uint8), "target": "x" * 200} for s in seconds]
+    samples = [{"seconds": float(s), "target": "x" * 200} for s in seconds]
     random.Random(seed).shuffle(samples)
-    batches = [
-        [len(s["audio"]) for s in b]
-        for b in bucket_batches(samples, max_seconds=240, sample_rate=100)
-    ]
-    flat = [len(s["audio"]) for s in samples]
+    batches = [[s["seconds"] for s in b] for b in bucket_batches(samples, max_seconds=240)]
+    flat = [s["seconds"] for s in samples]
     bs = max(1, len(flat) // len(batches))
     return padded_fraction(batches), padded_fraction(
         [flat[i : i + bs] for i in range(0, len(flat), bs)]

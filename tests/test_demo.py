@@ -58,7 +58,7 @@ def test_short_demo_learns_to_transcribe(tmp_path):
         f"paths.cache_dir={cache}",
         f"data.train.main.urls={shards}",
         f"data.val.urls={shards}",
-        "data.max_batch_size=8",
+        "data.batch_size=8",
         "data.num_workers=0",
         "callbacks.progress_bar=null",
     ]

@@ -1,8 +1,10 @@
 """Duration-bucketed dynamic batching for streamed samples.
 
-A pool of samples is sorted by length and cut into batches whose padded audio stays under
+A pool of samples is sorted by duration and cut into batches whose padded audio stays under
 `max_seconds` (and whose estimated LLM tokens stay under `max_tokens`); the batches of a pool
-are then shuffled. Sorting inside a large pool keeps padding to a few percent.
+are then shuffled. Sorting inside a large pool keeps padding to a few percent. Samples carry
+`seconds` (from the shard's metadata) and `target`, so bucketing runs before any audio is
+decoded: a pool holds encoded clips, not waveforms.
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ def pool_to_batches(
     max_batch_size: int,
     max_tokens: int | None,
     token_overhead: int,
-    sample_rate: int,
 ) -> list[list[Sample]]:
-    pool = sorted(pool, key=lambda s: len(s["audio"]))
-    batches, current, longest, tokens_longest = [], [], 0, 0
+    pool = sorted(pool, key=lambda s: s["seconds"])
+    batches, current, longest, tokens_longest = [], [], 0.0, 0
     for s in pool:
-        n = len(s["audio"])
+        n = s["seconds"]
         tok = estimated_tokens(s, token_overhead)
         new_longest, new_tok = max(longest, n), max(tokens_longest, tok)
         size = len(current) + 1
-        too_long = size * new_longest / sample_rate > max_seconds
+        too_long = size * new_longest > max_seconds
         too_many_tokens = max_tokens is not None and size * new_tok > max_tokens
         if current and (too_long or too_many_tokens or size > max_batch_size):
             batches.append(current)
@@ -53,7 +54,6 @@ def bucket_batches(
     max_tokens: int | None = None,
     pool_size: int = 2000,
     token_overhead: int = 128,
-    sample_rate: int = 16000,
     rng: random.Random | None = None,
 ) -> Iterator[list[Sample]]:
     rng = rng or random.Random(0)
@@ -61,16 +61,12 @@ def bucket_batches(
     for s in samples:
         pool.append(s)
         if len(pool) >= pool_size:
-            batches = pool_to_batches(
-                pool, max_seconds, max_batch_size, max_tokens, token_overhead, sample_rate
-            )
+            batches = pool_to_batches(pool, max_seconds, max_batch_size, max_tokens, token_overhead)
             rng.shuffle(batches)
             yield from batches
             pool = []
     if pool:
-        batches = pool_to_batches(
-            pool, max_seconds, max_batch_size, max_tokens, token_overhead, sample_rate
-        )
+        batches = pool_to_batches(pool, max_seconds, max_batch_size, max_tokens, token_overhead)
         rng.shuffle(batches)
         yield from batches
 

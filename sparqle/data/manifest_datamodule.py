@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -77,6 +78,22 @@ class EpochSampler(DistributedSampler):
         return iter([(i, self.epoch) for i in indices])
 
 
+class RankShareBatches(Sampler[list[int]]):
+    """Evaluation batches on `world` ranks: batches of batch_size x world utterances in manifest
+    order, item i of each to rank i % world. Every rank gets the same number of batches (the
+    last ones may be short or empty), and together the ranks see exactly one pass."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.step, self.rank, self.world = n, batch_size * world, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self.n, self.step):
+            yield list(range(start + self.rank, min(start + self.step, self.n), self.world))
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.step)
+
+
 class ManifestDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -118,13 +135,17 @@ class ManifestDataModule(L.LightningDataModule):
                     seed=self.seed,
                 )
 
-    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        if split not in self.datasets:
-            raise ValueError(f"data.{split}_manifest is not set")
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        from sparqle.distributed import world
+
+        return world()
+
+    def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            sampler=sampler,
+            dataset,
+            batch_sampler=RankShareBatches(len(dataset), batch_size, *self._rank_world()),
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
@@ -133,17 +154,21 @@ class ManifestDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.datasets:
             raise ValueError("data.train_manifest is not set")
-        trainer = self.trainer
-        sampler = EpochSampler(
-            self.datasets["train"],
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            seed=self.seed,
-        )
+        rank, size = self._rank_world()
+        sampler = EpochSampler(self.datasets["train"], num_replicas=size, rank=rank, seed=self.seed)
         if self._resume:
             sampler.resume_epoch = self._resume["epoch"]
-            sampler.resume_samples = self._resume["batches"] * self.batch_size
-        return self._loader("train", self.batch_size, sampler)
+            # the position in global samples, so a run resumes on another number of ranks
+            seen = self._resume.get("samples", self._resume["batches"] * self.batch_size * size)
+            sampler.resume_samples = seen // size
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def eval_dataloader(self, task: str, batch_size: int | None = None) -> DataLoader:
         """The test manifest (else the validation one), every utterance with `task`'s target."""
@@ -153,25 +178,25 @@ class ManifestDataModule(L.LightningDataModule):
         dataset = ManifestDataset(
             read_manifest(path), self.sample_rate, TaskSampler({task: 1.0}), train=False
         )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.val_batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-        )
+        return self._eval_loader(dataset, batch_size or self.val_batch_size)
 
     def state_dict(self) -> dict[str, int]:
         """Where the epoch stood when a checkpoint was written (saved in the checkpoint)."""
         if self.trainer is None:
             return {}
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "batches": int(done)}
+        done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        samples = done * self.batch_size * self.trainer.world_size
+        return {"epoch": self.trainer.current_epoch, "batches": done, "samples": samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state) if state else None
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size)
+        if "val" not in self.datasets:
+            raise ValueError("data.val_manifest is not set")
+        return self._eval_loader(self.datasets["val"], self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size)
+        if "test" not in self.datasets:
+            raise ValueError("data.test_manifest is not set")
+        return self._eval_loader(self.datasets["test"], self.val_batch_size)

@@ -1,8 +1,13 @@
 """`data=shards`: stream webdataset shards (local paths or pipe: URLs) onto every rank and worker.
 
-shards -> split by node and worker (or resampled, for multi-node) -> tar samples -> shuffle
--> decode + task choice (bad samples skipped and counted) -> mix sources by weight
--> duration-bucketed batches -> collate. Skip counts ride along in each batch.
+shards -> split over workers (training on several ranks: resampled per rank) -> tar samples
+-> shuffle -> metadata + task choice (no decoding yet) -> mix sources by weight
+-> duration-bucketed batches (on the metadata's `duration`) -> decode -> collate.
+Bad samples are skipped and counted per reason; the counts ride along in each batch.
+
+Evaluation on several ranks: every rank forms the same batches and decodes only its share of
+each (item i of a batch goes to rank i % world), so all ranks step the same number of times and
+together see exactly what one process would.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -67,7 +72,12 @@ def total_seconds(urls: str | list[str]) -> float | None:
     return sum(s["seconds"] for u in items for s in read_index(u)["shards"])
 
 
-def decode_samples(
+def _worker_index() -> int:
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else info.id
+
+
+def parse_samples(
     raw: Iterable[dict[str, Any]],
     sample_rate: int,
     tasks: TaskSampler,
@@ -76,6 +86,8 @@ def decode_samples(
     min_seconds: float = 0.0,
     max_seconds: float | None = None,
 ) -> Iterator[dict[str, Any]]:
+    """Tar members -> candidates with metadata, task and duration; the audio stays encoded
+    (decoded here only for the rare sample whose metadata has no duration)."""
     rng = random.Random(torch.initial_seed()) if train else None
     for s in raw:
         where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
@@ -93,23 +105,49 @@ def decode_samples(
         if choice is None or not choice.target.strip():
             counter.add("no text", where)
             continue
-        try:
-            audio = load_audio(s[ext], sample_rate, name=where)
-        except AudioError as exc:
-            counter.add(
-                "empty audio"
-                if "empty" in str(exc)
-                else "NaN audio"
-                if "NaN" in str(exc)
-                else "undecodable audio",
-                where,
-            )
+        cand = {"where": where, "utt": utt, "choice": choice, "target": choice.target}
+        if isinstance(meta.get("duration"), (int, float)):
+            cand.update(encoded=s[ext], seconds=float(meta["duration"]))
+        else:
+            audio = _decode(s[ext], sample_rate, where, counter)
+            if audio is None:
+                continue
+            cand.update(audio=audio, seconds=len(audio) / sample_rate)
+        if cand["seconds"] < min_seconds or (
+            max_seconds is not None and cand["seconds"] > max_seconds
+        ):
+            counter.add("duration out of range", f"{where} ({cand['seconds']:.2f} s)")
             continue
-        seconds = len(audio) / sample_rate
-        if seconds < min_seconds or (max_seconds is not None and seconds > max_seconds):
-            counter.add("duration out of range", f"{where} ({seconds:.2f} s)")
-            continue
-        yield choice.sample(utt, audio)
+        yield cand
+
+
+def _decode(encoded: bytes, sample_rate: int, where: str, counter: SkipCounter):
+    try:
+        return load_audio(encoded, sample_rate, name=where)
+    except AudioError as exc:
+        msg = str(exc)
+        counter.add(
+            "empty audio"
+            if "empty" in msg
+            else "NaN audio"
+            if "NaN" in msg
+            else "undecodable audio",
+            where,
+        )
+        return None
+
+
+def decode_batch(
+    cands: list[dict[str, Any]], sample_rate: int, counter: SkipCounter
+) -> list[dict[str, Any]]:
+    out = []
+    for c in cands:
+        audio = c.get("audio")
+        if audio is None:
+            audio = _decode(c["encoded"], sample_rate, c["where"], counter)
+        if audio is not None:
+            out.append(c["choice"].sample(c["utt"], audio))
+    return out
 
 
 def batches_with_counts(
@@ -135,7 +173,8 @@ def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
 class ShardDataModule(L.LightningDataModule):
     """Sources are named: {name: {urls, weight, tasks}}; `urls` is an index .json, a brace
     pattern or pipe: URLs. `resampled: true` draws shards with replacement (infinite streams,
-    equal on every rank: the mode for multi-GPU) with an epoch length taken from the index.
+    equal on every rank) with an epoch length taken from the index; training on more than one
+    rank always streams this way, so every rank takes the same number of steps.
     """
 
     def __init__(
@@ -145,7 +184,7 @@ class ShardDataModule(L.LightningDataModule):
         test: Mapping[str, Any] | None = None,
         sample_rate: int = 16000,
         max_seconds_per_batch: float = 240.0,
-        max_batch_size: int = 64,
+        batch_size: int = 64,
         max_tokens: int | None = None,
         token_overhead: int = 128,
         min_seconds: float = 0.0,
@@ -162,10 +201,9 @@ class ShardDataModule(L.LightningDataModule):
         self.sample_rate = sample_rate
         self.bucket = {
             "max_seconds": max_seconds_per_batch,
-            "max_batch_size": max_batch_size,
+            "max_batch_size": batch_size,
             "max_tokens": max_tokens,
             "token_overhead": token_overhead,
-            "sample_rate": sample_rate,
         }
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.pool_size, self.shuffle_buffer = pool_size, shuffle_buffer
@@ -176,23 +214,55 @@ class ShardDataModule(L.LightningDataModule):
             if "urls" not in src:
                 raise ValueError(f"data.train.{name}.urls is not set")
 
+    def _rank_world(self) -> tuple[int, int]:
+        """Taken in the main process and passed into the pipeline: a worker started by spawn or
+        forkserver has no process group of its own to ask."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        from sparqle.distributed import world
+
+        return world()
+
+    def _streams_resampled(self) -> bool:
+        rank, size = self._rank_world()
+        if size > 1 and not self.resampled:
+            if rank == 0:
+                log.info(
+                    "data.resampled=false on %d ranks: shard streams would end after different "
+                    "numbers of batches and stall the others, so each rank draws shards with "
+                    "replacement for %d batches a worker per epoch (set data.resampled=true to "
+                    "silence this)",
+                    size,
+                    self.batches_per_worker(),
+                )
+            return True
+        return self.resampled
+
     def _source(
-        self, src: Mapping[str, Any], train: bool, counter: SkipCounter
+        self, src: Mapping[str, Any], train: bool, counter: SkipCounter, resampled: bool = False
     ) -> wds.DataPipeline:
         urls = expand_urls(src["urls"])
         tasks = TaskSampler(dict(src.get("tasks") or {"transcribe": 1.0}))
-        if train and self.resampled:
-            stages: list[Any] = [wds.ResampledShards(urls, seed=self.seed)]
+        if resampled:
+            rank, _ = self._rank_world()
+            stages: list[Any] = [
+                wds.ResampledShards(
+                    urls,
+                    seed=self.seed,
+                    worker_seed=lambda: rank * 1000 + _worker_index(),
+                    deterministic=True,
+                )
+            ]
         else:
             stages = [wds.SimpleShardList(urls)]
-            if train:  # the same permutation on every rank, so the split stays a partition
+            if train:
                 stages.append(wds.detshuffle(bufsize=len(urls), seed=self.seed))
-            stages += [wds.split_by_node, wds.split_by_worker]
+            stages.append(wds.split_by_worker)
         stages.append(wds.tarfile_to_samples(handler=counter.shard_error))
         if train:
             stages.append(wds.shuffle(self.shuffle_buffer))
         stages.append(
-            lambda raw: decode_samples(
+            lambda raw: parse_samples(
                 raw,
                 self.sample_rate,
                 tasks,
@@ -204,36 +274,43 @@ class ShardDataModule(L.LightningDataModule):
         )
         return wds.DataPipeline(*stages)
 
+    def _batches(
+        self, counter: SkipCounter, seed: int | None, bucket: dict[str, Any], share: bool
+    ) -> Callable[[Iterable], Iterator[dict[str, Any]]]:
+        """candidates -> bucketed batches -> (this rank's share) -> decoded, collated batches."""
+        rank, size = self._rank_world() if share else (0, 1)
+
+        def stage(cands):
+            rng = random.Random(seed if seed is not None else torch.initial_seed())
+            batches = bucket_batches(cands, pool_size=self.pool_size, rng=rng, **bucket)
+            decoded = (decode_batch(b[rank::size], self.sample_rate, counter) for b in batches)
+            return batches_with_counts(decoded, counter)
+
+        return stage
+
     def pipeline(self, split: str) -> wds.DataPipeline:
         counter = SkipCounter()
         if split == "train":
             if not self.train_sources:
                 raise ValueError("data.train has no sources")
-            sources = [self._source(s, True, counter) for s in self.train_sources.values()]
+            resampled = self._streams_resampled()
+            sources = [
+                self._source(s, True, counter, resampled) for s in self.train_sources.values()
+            ]
             weights = [float(s.get("weight", 1.0)) for s in self.train_sources.values()]
             mixed = (
                 sources[0]
                 if len(sources) == 1
-                else wds.RandomMix(sources, weights, longest=not self.resampled)
+                else wds.RandomMix(sources, weights, longest=not resampled)
             )
-            pool = self.pool_size
-        else:
-            src = self.val_source if split == "val" else self.test_source
-            if not src:
-                raise ValueError(f"data.{split} is not set")
-            mixed, pool = self._source(src, False, counter), self.pool_size
-        rng_seed = self.seed if split != "train" else None
-
-        def batches(samples):
-            rng = random.Random(rng_seed if rng_seed is not None else torch.initial_seed())
-            return batches_with_counts(
-                bucket_batches(samples, pool_size=pool, rng=rng, **self.bucket), counter
-            )
-
-        pipe = wds.DataPipeline(mixed, batches)
-        if split == "train" and self.resampled:
-            pipe = pipe.with_epoch(self.batches_per_worker())
-        return pipe
+            pipe = wds.DataPipeline(mixed, self._batches(counter, None, self.bucket, False))
+            return pipe.with_epoch(self.batches_per_worker()) if resampled else pipe
+        src = self.val_source if split == "val" else self.test_source
+        if not src:
+            raise ValueError(f"data.{split} is not set")
+        return wds.DataPipeline(
+            self._source(src, False, counter), self._batches(counter, self.seed, self.bucket, True)
+        )
 
     def eval_dataloader(self, task: str, batch_size: int | None = None) -> wds.WebLoader:
         """The test source (else the validation one), every clip with `task`'s target."""
@@ -241,13 +318,10 @@ class ShardDataModule(L.LightningDataModule):
         if not src:
             raise ValueError("data.test (or data.val) is not set")
         counter = SkipCounter()
-        pipe = self._source({**src, "tasks": {task: 1.0}}, False, counter)
         bucket = self.bucket | ({"max_batch_size": batch_size} if batch_size else {})
         stream = wds.DataPipeline(
-            pipe,
-            lambda s: batches_with_counts(
-                bucket_batches(s, pool_size=self.pool_size, rng=random.Random(0), **bucket), counter
-            ),
+            self._source({**src, "tasks": {task: 1.0}}, False, counter),
+            self._batches(counter, 0, bucket, True),
         )
         return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
 
@@ -256,9 +330,9 @@ class ShardDataModule(L.LightningDataModule):
         seconds = sum(total_seconds(s["urls"]) or 0 for s in self.train_sources.values())
         if seconds == 0:
             raise ValueError("resampled mode needs index .json urls to know the epoch length")
-        world = self.trainer.world_size if self.trainer is not None else 1
+        _, size = self._rank_world()
         per_batch = self.bucket["max_seconds"] * 0.9  # bucketing fills batches to ~90-99%
-        return max(1, math.ceil(seconds / per_batch / world / max(1, self.num_workers)))
+        return max(1, math.ceil(seconds / per_batch / size / max(1, self.num_workers)))
 
     def _loader(self, split: str) -> wds.WebLoader:
         return wds.WebLoader(

@@ -94,16 +94,41 @@ def test_rerun_resumes_and_output_is_deterministic(synth_data, tmp_path):
     )  # finished shards untouched
 
 
-def test_every_sample_once_per_epoch_over_ranks_and_workers(shards, monkeypatch):
-    seen = []
+def _as_rank(dm, rank, world):
+    dm._rank_world = lambda: (rank, world)
+    return dm
+
+
+def test_evaluation_shares_every_clip_once_over_ranks_in_equal_steps(shards):
+    # each rank reads every shard but decodes only its share of each batch: the ranks step the
+    # same number of times (a rank may get an empty batch) and together see every clip once
+    ranks = []
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
         dm = ShardDataModule(
-            train={"main": {"urls": str(shards / "train.json")}}, num_workers=2, pool_size=8
+            val={"urls": str(shards / "train.json")}, num_workers=2, max_seconds_per_batch=20
         )
-        seen += _ids(dm.train_dataloader())
+        ranks.append([b["id"] for b in _as_rank(dm, rank, 2).val_dataloader()])
+    assert len(ranks[0]) == len(ranks[1]) > 1
+    seen = [i for r in ranks for b in r for i in b]
     assert len(seen) == 24 and len(set(seen)) == 24
+    one = ShardDataModule(
+        val={"urls": str(shards / "train.json")}, num_workers=2, max_seconds_per_batch=20
+    )
+    # the same batches as one process: batch k of one process = batch k of rank 0 + rank 1
+    joint = [sorted(a + b) for a, b in zip(*ranks, strict=True)]
+    assert joint == [sorted(b["id"]) for b in one.val_dataloader()]
+
+
+def test_training_on_several_ranks_streams_equal_epochs(shards, caplog):
+    dm = _as_rank(
+        ShardDataModule(train={"main": {"urls": str(shards / "train.json")}}, num_workers=2),
+        0,
+        2,
+    )
+    with caplog.at_level("INFO"):
+        batches = list(dm.train_dataloader())
+    assert len(batches) == 2 * dm.batches_per_worker()
+    assert [r.message for r in caplog.records if "data.resampled=false on 2 ranks" in r.message]
 
 
 def test_resampled_mode_runs_the_indexed_epoch(shards):
