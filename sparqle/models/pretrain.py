@@ -1,39 +1,24 @@
 """Stage 1: BLIP-2's three Q-Former losses on speech-transcript pairs.
 
 - ITC: contrastive, 256-d projections, max over queries, learnable temperature,
-  negatives gathered from every rank (gradient flows through the local part).
-- ITM: binary matching on query outputs, hard negatives drawn from the ITC similarities.
+  negatives gathered from every rank (each rank's rows get every rank's gradient).
+- ITM: binary matching on query outputs, hard negatives drawn from the ITC similarities
+  over the batch gathered from every rank, as BLIP-2 does.
 - ITG: transcript generation from the queries, `[DEC]` first, causal text mask.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
+from sparqle.distributed import gather_rows, pad_to
 from sparqle.models.qformer import SpeechQFormer
 
 DEC_TOKEN = "[DEC]"
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows (batch sizes may differ) and this rank's offset; grads reach the local rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(s) for s in sizes]
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0])).contiguous()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    parts = [p[:n] for p, n in zip(parts, sizes, strict=True)]
-    parts[rank] = x
-    return torch.cat(parts), sum(sizes[:rank])
 
 
 def generation_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
@@ -79,6 +64,12 @@ class SpeechTextPretrainer(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(qformer.config.vocab_size))
 
     @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Keep the contrastive temperature in BLIP-2's range; called after each optimizer step,
+        on the master weight (under FSDP the forward only sees a gathered copy)."""
+        self.temp.clamp_(0.001, 0.5)
+
+    @torch.no_grad()
     def load_bert_lm_head(self, path: str) -> bool:
         """Initialise the ITG head from the BERT checkpoint's MLM head, if it has one."""
         mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
@@ -103,8 +94,6 @@ class SpeechTextPretrainer(nn.Module):
     def forward(
         self, qformer: SpeechQFormer, features: torch.Tensor, mask: torch.Tensor, texts: list[str]
     ) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
         text = self.tokenize(texts, features.device)
         ids, text_mask = text["input_ids"], text["attention_mask"]
         b, nq = features.shape[0], qformer.num_queries
@@ -114,8 +103,8 @@ class SpeechTextPretrainer(nn.Module):
         speech_feat = F.normalize(self.speech_proj(query_out), dim=-1)  # (B, Nq, E)
         text_out = qformer.encode_text(ids, text_mask)
         text_feat = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # (B, E)
-        all_speech, offset = gather_with_grad(speech_feat)
-        all_text, _ = gather_with_grad(text_feat)
+        all_speech, offset = gather_rows(speech_feat)
+        all_text, _ = gather_rows(text_feat)
         sim_s2t = torch.einsum("bqe,ge->bqg", speech_feat, all_text).amax(1) / self.temp
         sim_t2s = torch.einsum("be,gqe->bgq", text_feat, all_speech).amax(2) / self.temp
         targets = torch.arange(b, device=features.device) + offset
@@ -124,7 +113,7 @@ class SpeechTextPretrainer(nn.Module):
             + F.cross_entropy(sim_t2s, targets, label_smoothing=self.label_smoothing)
         ) / 2
 
-        # ITM with hard negatives from this rank's batch
+        # ITM with hard negatives from the batch of every rank
         itm = self._itm(qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset)
 
         # ITG
@@ -147,38 +136,40 @@ class SpeechTextPretrainer(nn.Module):
             "itg": itg,
             "loss": itc + itm + itg,
             "sim_s2t": sim_s2t.detach(),
+            "itc_targets": targets,
         }
 
     def _itm(
         self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset
     ) -> torch.Tensor:
         b = features.shape[0]
-        if (
-            b < 2
-        ):  # no negatives to draw; a zero that still reaches the head keeps DDP's reducer happy
+        all_feats, _ = gather_rows(features)
+        all_mask, _ = gather_rows(mask)
+        all_ids, _ = gather_rows(ids, pad_value=self.tokenizer.pad_token_id)
+        all_text_mask, _ = gather_rows(text_mask)
+        total = all_feats.shape[0]
+        if total < 2:  # no negatives to draw; a zero that still reaches the head keeps DDP happy
             return sum(p.sum() for p in self.itm_head.parameters()) * 0.0
+        # every part padded to the widest on any rank, so local and gathered rows concatenate
+        features = pad_to(features, [b, *all_feats.shape[1:]])
+        mask = pad_to(mask, [b, all_mask.shape[1]])
+        ids = pad_to(ids, [b, all_ids.shape[1]], self.tokenizer.pad_token_id)
+        text_mask = pad_to(text_mask, [b, all_text_mask.shape[1]])
         with torch.no_grad():
-            local = slice(offset, offset + b)
-            # Pairs with the same transcript are not negatives.
-            same = (
-                (ids[:, None, :] == ids[None, :, :]).all(-1)
-                if ids.shape[1]
-                else torch.eye(b, dtype=torch.bool)
-            )
-            w_s2t = F.softmax(sim_s2t[:, local].float(), dim=1).masked_fill(same, 0) + 1e-9
-            w_t2s = F.softmax(sim_t2s[:, local].float(), dim=1).masked_fill(same, 0) + 1e-9
-            w_s2t.masked_fill_(torch.eye(b, dtype=torch.bool, device=ids.device), 0)
-            w_t2s.masked_fill_(torch.eye(b, dtype=torch.bool, device=ids.device), 0)
-            neg_text = torch.multinomial(w_s2t, 1).squeeze(
-                1
-            )  # for each speech, a hard negative text
-            neg_speech = torch.multinomial(w_t2s, 1).squeeze(
-                1
-            )  # for each text, a hard negative speech
-        speech_all = torch.cat([features, features[neg_speech], features])
-        mask_all = torch.cat([mask, mask[neg_speech], mask])
-        ids_all = torch.cat([ids, ids, ids[neg_text]])
-        text_mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text]])
+            own = torch.arange(b, device=ids.device) + offset
+            # Pairs with the same transcript are not negatives; nor is a row's own pair.
+            same = (ids[:, None, :] == all_ids[None, :, :]).all(-1)
+            same[torch.arange(b, device=ids.device), own] = True
+            w_s2t = F.softmax(sim_s2t.float(), dim=1).masked_fill(same, 0) + 1e-9
+            w_t2s = F.softmax(sim_t2s.float(), dim=1).masked_fill(same, 0) + 1e-9
+            w_s2t[torch.arange(b, device=ids.device), own] = 0
+            w_t2s[torch.arange(b, device=ids.device), own] = 0
+            neg_text = torch.multinomial(w_s2t, 1).squeeze(1)  # per speech, a hard negative text
+            neg_speech = torch.multinomial(w_t2s, 1).squeeze(1)  # per text, a hard negative speech
+        speech_all = torch.cat([features, all_feats[neg_speech], features])
+        mask_all = torch.cat([mask, all_mask[neg_speech], mask])
+        ids_all = torch.cat([ids, ids, all_ids[neg_text]])
+        text_mask_all = torch.cat([text_mask, text_mask, all_text_mask[neg_text]])
         query_mask = torch.ones(
             3 * b, qformer.num_queries, dtype=text_mask.dtype, device=ids.device
         )

@@ -1,6 +1,6 @@
 import torch
 
-from sparqle.models.pretrain import SpeechTextPretrainer, gather_with_grad, generation_mask
+from sparqle.models.pretrain import SpeechTextPretrainer, generation_mask
 from sparqle.models.qformer import SpeechQFormer
 
 
@@ -10,12 +10,6 @@ def test_generation_mask():
     assert m[0, 0, :2, :2].all() and not m[0, 0, :2, 2:].any()  # queries see only queries
     assert m[0, 0, 3].tolist() == [True, True, True, True, False]  # text: queries + earlier text
     assert not m[1, 0, :, 4].any()  # padding is seen by no one
-
-
-def test_gather_in_a_single_process_is_identity():
-    x = torch.randn(3, 4, requires_grad=True)
-    y, offset = gather_with_grad(x)
-    assert y is x and offset == 0
 
 
 def test_itg_is_causal(tiny):
