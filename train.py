@@ -11,29 +11,32 @@ os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from sparqle.config import module_kwargs, report_user_errors  # noqa: E402  (registers resolvers)
+from sparqle.config import check_devices, module_kwargs, report_user_errors  # noqa: E402
 from sparqle.data.manifest import ManifestError  # noqa: E402
 from sparqle.module import CheckpointMismatch, SparQLeModule, TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("sparqle.train")
-USER_ERRORS = (ManifestError, CheckpointMismatch, TrainingDiverged, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ManifestError,
+    CheckpointMismatch,
+    TrainingDiverged,
+    FileNotFoundError,
+    ValueError,
+    MisconfigurationException,
+)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_devices(cfg.trainer)  # before anything is built
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = SparQLeModule(**module_kwargs(cfg))
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    trainer_kwargs = {}
-    strategy = cfg.trainer.get("strategy")
-    if OmegaConf.is_dict(strategy) and strategy.get("_partial_"):  # needs the model (FSDP wrapping)
-        trainer_kwargs["strategy"] = instantiate(strategy)(module)
-    trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_kwargs
-    )
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    datamodule = instantiate(cfg.data)
+    module = SparQLeModule(**module_kwargs(cfg))
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in module.parameters())
     log.info(

@@ -64,6 +64,27 @@ def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def check_devices(trainer: DictConfig) -> None:
+    """Stop with one line when the trainer asks for devices this machine does not have."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto"))
+    devices = trainer.get("devices", "auto")
+    if OmegaConf.is_list(devices):
+        devices = len(devices)
+    if isinstance(devices, int) and devices < 1:
+        raise ValueError(f"trainer.devices={devices}: must be at least 1 (or auto)")
+    if accelerator in ("gpu", "cuda"):
+        have = torch.cuda.device_count()
+        if have == 0:
+            raise ValueError(
+                f"trainer.accelerator={accelerator}: this machine has no GPU "
+                "(trainer=cpu, or trainer.accelerator=cpu, runs on processes instead)"
+            )
+        if isinstance(devices, int) and devices > have:
+            raise ValueError(f"trainer.devices={devices}: this machine has {have} GPU(s)")
+
+
 def report_user_errors(
     fn: Callable[[DictConfig], Any], cfg: DictConfig, errors: tuple[type, ...]
 ) -> Any:

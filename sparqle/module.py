@@ -6,6 +6,11 @@ Stages:
 
 Checkpoints hold the trainable parameters (and the adapter's few frozen ones), never the
 frozen encoder and LLM, which are rebuilt from their `name_or_path` in the saved config.
+
+On several ranks (DDP or FSDP) every rank runs the same collectives each step: a rank whose
+batch is empty steps on a stand-in, and whether the optimizer applies a step (any rank's loss
+non-finite, or any stand-in) is decided on the device and applied by the fused optimizer, so
+no rank waits on a host read of the loss.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import grad_norm
 from transformers import AutoConfig, get_cosine_with_min_lr_schedule_with_warmup
 
 from sparqle import metrics
+from sparqle.data.prompts import TRANSCRIBE, instruction
+from sparqle.distributed import all_reduce_max, all_reduce_sum, gather_objects, world
 from sparqle.models.adapters import QFormerAdapter
 from sparqle.models.pretrain import SpeechTextPretrainer
 from sparqle.models.sparqle import SparQLe
+from sparqle.strategies import FSDP2Strategy
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,38 @@ class CheckpointMismatch(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
+
+
+class StepSkips:
+    """Which optimizer steps are skipped, kept on the device: flags accumulate over a step's
+    micro-batches, are reduced over ranks, and are read on the host once per logging interval."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self.run = self.longest = self.total = None
+
+    def note(self, bad: torch.Tensor) -> None:
+        bad = bad.float()
+        self.pending = bad if self.pending is None else torch.maximum(self.pending, bad)
+
+    def decide(self, device: torch.device) -> torch.Tensor:
+        """1.0 if any rank flagged this step, else 0.0 (a device collective, no host read)."""
+        zero = torch.zeros((), device=device)
+        skip = all_reduce_max(self.pending if self.pending is not None else zero)
+        self.pending = None
+        if self.total is None:
+            self.run, self.longest, self.total = zero, zero, zero
+        self.run = (self.run + 1) * skip
+        self.longest = torch.maximum(self.longest, self.run)
+        self.total = self.total + skip
+        return skip
+
+    def longest_run(self) -> int:
+        """The longest run of skipped steps since the last call (one host read)."""
+        if self.longest is None:
+            return 0
+        longest, self.longest = int(self.longest), torch.zeros_like(self.longest)
+        return longest
 
 
 class SparQLeModule(L.LightningModule):
@@ -62,10 +101,10 @@ class SparQLeModule(L.LightningModule):
         self.generation = dict(generation or {})
         self.val_decode_batches = val_decode_batches
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
         self.batch_stats: dict[str, float] = {}
+        self.skips = StepSkips()
         self._rng_to_restore: dict[str, Any] | None = None
+        self._last_batch: dict[str, Any] | None = None
         self.strict_loading = (
             False  # checkpoints hold trainable weights only; see on_load_checkpoint
         )
@@ -80,8 +119,7 @@ class SparQLeModule(L.LightningModule):
         ada = instantiate(
             adapter, encoder_dim=enc.hidden_size, llm_dim=llm_dim, frame_rate=enc.frame_rate
         )
-        self.model = SparQLe(enc, ada, llm_module)
-        self.heads: SpeechTextPretrainer | None = None
+        heads = None
         if self.stage == "pretrain":
             if not isinstance(ada, QFormerAdapter):
                 raise ValueError(
@@ -91,15 +129,14 @@ class SparQLeModule(L.LightningModule):
                 raise ValueError(
                     "stage=pretrain needs adapter.bert: its tokenizer encodes the transcripts"
                 )
-            opts = dict(stage.get("pretrain", {}))
-            self.heads = SpeechTextPretrainer(ada.qformer, adapter["bert"], **opts)
-            self.heads.load_bert_lm_head(adapter["bert"])
+            heads = SpeechTextPretrainer(ada.qformer, adapter["bert"], **stage.get("pretrain", {}))
+            heads.load_bert_lm_head(adapter["bert"])
             ada.proj.requires_grad_(False)  # the projection to the LLM is trained in stage 2
         elif isinstance(getattr(ada, "qformer", None), torch.nn.Module):
-            for (
-                p
-            ) in ada.qformer.text_parameters():  # text positions are unused without stage-1 losses
+            # text positions are unused without the stage-1 losses
+            for p in ada.qformer.text_parameters():
                 p.requires_grad_(False)
+        self.model = SparQLe(enc, ada, llm_module, heads)
         if stage.get("init_from"):
             self.load_adapter_from(stage["init_from"])
         self._flop_params = {
@@ -116,14 +153,18 @@ class SparQLeModule(L.LightningModule):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def checkpoint_names(self) -> list[str]:
-        """Everything but the frozen pretrained encoder and LLM, which load from name_or_path.
-
-        Frozen-but-new tensors (the stage-1 projection, Q-Former text parts in stage 2) are kept
-        so a restored model is exactly the saved one.
-        """
+        """What a checkpoint holds: the trained parameters and the persistent buffers outside the
+        pretrained encoder and LLM. Frozen parameters are left out: the pretrained ones reload
+        from name_or_path, and the adapter's (stage 1's projection, the Q-Former's text parts in
+        stage 2: ~80M for the paper) are idle in the stage that froze them."""
         trainable = set(self.trainable_names())
+        params = {n for n, _ in self.named_parameters()}
         pretrained = ("model.encoder.model.", "model.llm.model.")
-        return [k for k in self.state_dict() if k in trainable or not k.startswith(pretrained)]
+        return [
+            k
+            for k in self.state_dict()
+            if k in trainable or (k not in params and not k.startswith(pretrained))
+        ]
 
     def load_adapter_from(self, path: str) -> None:
         """Initialise the adapter from what another run (e.g. stage 1) trained; the rest is ignored.
@@ -153,20 +194,25 @@ class SparQLeModule(L.LightningModule):
         self.load_state_dict(wanted, strict=False)
         log.info("initialised %d adapter tensors from %s", len(wanted), path)
 
+    def configure_model(self) -> None:
+        """Under trainer=fsdp, shard the model (once) over the strategy's device mesh."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy) and not strategy.units:
+            strategy.shard(self.model)
+            log.info("FSDP2 units: %s", ", ".join(strategy.units))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.checkpoint_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["sparqle_trainable"] = self.trainable_names()
-        np_state = np.random.get_state()
-        checkpoint["rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate(),
-        }
+        checkpoint["rng"] = gather_objects(_rng_state())  # one entry per rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("rng")
+        rng = checkpoint.get("rng")
+        rank, size = world()
+        if isinstance(rng, list):  # one state per rank; another world size replays rank 0's
+            rng = rng[rank] if len(rng) == size else rng[0]
+        self._rng_to_restore = rng
         state = checkpoint["state_dict"]
         own = self.state_dict()
         unexpected = [k for k in state if k not in own]
@@ -186,27 +232,21 @@ class SparQLeModule(L.LightningModule):
     def on_train_start(self) -> None:
         """A resumed run continues the random streams (dropout, ITM negatives) where they stood."""
         rng, self._rng_to_restore = self._rng_to_restore, None
-        if not rng:
-            return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        if rng:
+            _set_rng_state(rng)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
+        if "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision}: fp16 is not supported, use bf16-mixed"
+            )
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
         cfg = self.optim_cfg
+        # fused: one kernel, and it skips a step the device flagged (found_inf) without a host read
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.get("weight_decay", 0.05)},
@@ -214,6 +254,7 @@ class SparQLeModule(L.LightningModule):
             ],
             lr=cfg.get("lr", 1e-4),
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            fused=True,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -227,69 +268,110 @@ class SparQLeModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip by norm (when set) and log the norm clip_grad_norm_ computed anyway."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm}: use norm")
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
+        self.log("train/grad_norm", _local(norm))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Decide on the device whether this step applies: not if any rank's loss was
+        non-finite or any rank stepped on a stand-in batch. The fused optimizer reads the flag."""
+        getattr(optimizer, "optimizer", optimizer).found_inf = self.skips.decide(self.device)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.model.heads is not None:
+            self.model.heads.clamp_temperature()
+        if self.global_step % self.trainer.log_every_n_steps == 0 and self.skips.total is not None:
+            self.log("train/skipped_steps", self.skips.total, reduce_fx="max")
+            longest = self.skips.longest_run()
+            if longest >= self.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"{longest} non-finite losses in a row before step {self.global_step}: "
+                    "stopping (lower stage.optim.lr, check the data, or use bf16 instead of fp16)"
+                )
+
+    # ----------------------------------------------------------------- batches
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0):
+        """On the host, before the copy to the device: count the work, and give a rank whose
+        batch is empty (every clip skipped) a stand-in, so it still runs the step's collectives."""
+        if batch["id"]:
+            self._last_batch = {
+                k: v for k, v in batch.items() if k not in ("skipped", "num_skipped")
+            }
+            batch["standin"] = False
+        else:
+            batch = {**batch, **(self._last_batch or self._silence()), "standin": True}
+        batch["stats"] = {
+            "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
+            "samples": len(batch["id"]),
+        }
+        return batch
+
+    def _silence(self) -> dict[str, Any]:
+        sr = self.model.encoder.sample_rate
+        return {
+            "id": ["<stand-in>"],
+            "audio": torch.zeros(1, sr),
+            "audio_lens": torch.tensor([sr]),
+            "text": ["."],
+            "task": [TRANSCRIBE],
+            "lang": ["en"],
+            "instruction": [instruction(TRANSCRIBE)],
+            "target": ["."],
+        }
+
     # ----------------------------------------------------------------- steps
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.stage == "pretrain":
-            enc = self.model.encode(batch["audio"], batch["audio_lens"])
-            return self.heads(self.model.adapter.qformer, enc.features, enc.mask, batch["text"])
+            return self.model.pretrain(batch["audio"], batch["audio_lens"], batch["text"])
         loss, inputs = self.model(
             batch["audio"], batch["audio_lens"], batch["instruction"], batch["target"]
         )
-        speech_positions, llm_tokens = self.model.count_positions(inputs)
-        return {"loss": loss, "llm_tokens": llm_tokens, "adapter_positions": speech_positions}
+        return {
+            "loss": loss,
+            "llm_tokens": inputs.positions,
+            "adapter_positions": inputs.speech_positions,
+        }
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        bs = len(batch["id"])
-        skips = {"skipped": batch["num_skipped"]}
-        skips.update(
-            {f"skipped/{k.replace(' ', '_')}": n for k, n in batch.get("skipped", {}).items()}
-        )
-        for name, n in skips.items():
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        standin = batch.get("standin", False)
+        for name, n in _skip_counts(batch).items():
             self.log(f"train/{name}", float(n), reduce_fx="sum", on_step=False, on_epoch=True)
-        if bs == 0:
-            return None
         out = self._losses(batch)
-        if self._skip_nonfinite(out["loss"]):
-            return None
+        loss = out["loss"]
+        self.skips.note(~torch.isfinite(loss.detach()) | torch.tensor(standin, device=loss.device))
+        if standin:
+            return loss * 0.0
+        bs = len(batch["id"])
         for k in ("loss", "itc", "itm", "itg"):
             if k in out:
                 self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=bs)
-        if self.heads is not None:
-            self.log("train/temperature", self.heads.temp.detach(), batch_size=bs)
+        if self.model.heads is not None:
+            self.log("train/temperature", self.model.heads.temp.detach(), batch_size=bs)
         self.batch_stats = self._batch_stats(batch, out)
-        return out["loss"]
+        return loss
 
-    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
-        """Skip the step (on every rank) when any rank's loss is NaN/Inf; stop after K in a row."""
-        bad = self.trainer.strategy.reduce_boolean_decision(
-            not bool(torch.isfinite(loss.detach())), all=False
-        )
-        if not bad:
-            self.nonfinite_in_a_row = 0
-            return False
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total), reduce_fx="max")
-        log.warning("non-finite loss at step %d: step skipped", self.global_step)
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise TrainingDiverged(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}: "
-                "stopping (lower stage.optim.lr, check the data, or use bf16 instead of fp16)"
-            )
-        return True
-
-    def _batch_stats(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Work done by this step, for throughput and MFU (FLOPs: 2N per token forward for every
-        module, plus 2N backward through the frozen LLM's activations and 4N more for the
-        trainable adapter's weight gradients)."""
-        sr = self.model.encoder.sample_rate
-        audio_seconds = float(batch["audio_lens"].sum()) / sr
-        frames = audio_seconds * self.model.encoder.frame_rate
+    def _batch_stats(self, batch: dict[str, Any], out: dict[str, Any]) -> dict[str, float]:
+        """Work done by this step, for throughput and MFU, from host-side counts (FLOPs: 2N per
+        token forward for every module, plus 2N backward through the frozen LLM's activations and
+        4N more for the trainable adapter's weight gradients)."""
+        stats = batch.get("stats") or {
+            "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
+            "samples": len(batch["id"]),
+        }
+        frames = stats["audio_seconds"] * self.model.encoder.frame_rate
         n = self._flop_params
         llm_tokens = float(out.get("llm_tokens", 0))
         qformer = getattr(self.model.adapter, "qformer", None)
         default_positions = (
-            len(batch["id"]) * qformer.num_queries if qformer is not None else frames
+            stats["samples"] * qformer.num_queries if qformer is not None else frames
         )
         adapter_positions = float(out.get("adapter_positions", default_positions))
         flops = (
@@ -297,12 +379,7 @@ class SparQLeModule(L.LightningModule):
             + 6 * n["adapter"] * adapter_positions
             + 4 * n["llm"] * llm_tokens
         )
-        return {
-            "audio_seconds": audio_seconds,
-            "samples": len(batch["id"]),
-            "llm_tokens": llm_tokens,
-            "flops": flops,
-        }
+        return {**stats, "llm_tokens": llm_tokens, "flops": flops}
 
     def on_validation_start(self) -> None:
         # Validation draws random numbers too (ITM negatives); keep them out of the training stream
@@ -314,40 +391,57 @@ class SparQLeModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = defaultdict(list)
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    def _val_add(self, name: str, value: torch.Tensor, weight: int) -> None:
+        """Corpus sums (value x weight, weight), reduced over ranks at the epoch's end."""
+        pair = torch.stack([value.detach().float() * weight, value.new_tensor(float(weight))])
+        self._val_sums[name] = self._val_sums.get(name, 0) + pair
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        bs = len(batch["id"])
-        if bs == 0:
-            return
+        weight = 0 if batch.get("standin") else len(batch["id"])
         out = self._losses(batch)
         for k in ("loss", "itc", "itm", "itg"):
             if k in out:
-                self.log(f"val/{k}", out[k], prog_bar=k == "loss", batch_size=bs, sync_dist=True)
+                self._val_add(k, out[k], weight)
         if self.stage == "pretrain":
-            hits = (out["sim_s2t"].argmax(1) == torch.arange(bs, device=self.device)).float().mean()
-            self.log("val/r_at_1_in_batch", hits, batch_size=bs, sync_dist=True)
+            hits = (out["sim_s2t"].argmax(1) == out["itc_targets"]).float().mean()
+            self._val_add("r_at_1_in_batch", hits, weight)
         elif batch_idx < self.val_decode_batches:
             hyps = self.model.generate(
                 batch["audio"], batch["audio_lens"], batch["instruction"], **self.generation
             )
+            if not weight:
+                return
             for i, hyp in enumerate(hyps):
                 key = (
                     batch["task"][i]
-                    if batch["task"][i] == "transcribe"
+                    if batch["task"][i] == TRANSCRIBE
                     else f"translate_{batch['lang'][i]}"
                 )
                 audio = batch["audio"][i, : batch["audio_lens"][i]].cpu().numpy()
                 self._val[key].append((batch["id"][i], batch["target"][i], hyp, audio))
 
     def on_validation_epoch_end(self) -> None:
-        table = []
-        for key, rows in getattr(self, "_val", {}).items():
-            refs, hyps = [r[1] for r in rows], [r[2] for r in rows]
-            if key == "transcribe":
+        """Every metric over all ranks' utterances: sums reduced, hypotheses gathered, so the
+        figures equal a one-process validation of the same data."""
+        for name in sorted(self._val_sums):  # the same names, in the same order, on every rank
+            total, weight = all_reduce_sum(self._val_sums[name]).unbind()
+            self.log(f"val/{name}", total / weight.clamp(min=1), prog_bar=name == "loss")
+        mine = {k: [row[:3] for row in rows] for k, rows in self._val.items()}
+        merged: dict[str, list] = defaultdict(list)
+        for part in gather_objects(mine):
+            for key, rows in part.items():
+                merged[key] += rows
+        for key in sorted(merged):
+            refs, hyps = [r[1] for r in merged[key]], [r[2] for r in merged[key]]
+            if key == TRANSCRIBE:
                 self.log("val/wer", metrics.word_error_rate(refs, hyps)["wer"])
             else:
                 lang = key.split("_", 1)[1]
                 self.log(f"val/bleu_{lang}", metrics.translation_scores(refs, hyps, lang)["bleu"])
+        table = []
+        for key, rows in self._val.items():
             for uid, ref, hyp, _ in rows[:3]:
                 log.info("[%s] %s | ref: %s | hyp: %s", key, uid, ref, hyp)
             table += [(key, *row) for row in rows[:8]]
@@ -378,3 +472,37 @@ class SparQLeModule(L.LightningModule):
                 sample_rate=[sr] * len(rows),
                 step=self.global_step,
             )
+
+
+def _skip_counts(batch: dict[str, Any]) -> dict[str, int]:
+    counts = {"skipped": batch.get("num_skipped", 0)}
+    counts.update(
+        {f"skipped/{k.replace(' ', '_')}": n for k, n in batch.get("skipped", {}).items()}
+    )
+    return counts
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly distributed one (clip_grad_norm_ of DTensor gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparqle.distributed import all_reduce_sum, world
 
 SPEECH_PLACEHOLDER = "<|speech|>"
 SPEECH_SLOT = -1  # token_ids value at positions filled with speech embeddings
@@ -25,6 +28,8 @@ class LLMInputs:
     token_ids: torch.Tensor  # (B, L) with SPEECH_SLOT / PAD_SLOT markers
     labels: torch.Tensor | None  # (B, L), -100 outside target + eos
     prompt_lengths: list[int]
+    speech_positions: int = 0  # how many positions hold speech embeddings (host-side count)
+    positions: int = 0  # how many positions are attended, speech included
 
 
 class LLM(nn.Module):
@@ -141,16 +146,30 @@ class LLM(nn.Module):
             token_ids=token_ids,
             labels=None if labels is None else labels.to(device),
             prompt_lengths=prompt_lengths,
+            speech_positions=int(sum(n_speech)),
+            positions=sum(map(len, rows)),
         )
 
     def forward(self, inputs: LLMInputs) -> torch.Tensor:
-        """Mean next-token loss over target tokens."""
-        out = self.model(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            labels=inputs.labels,
+        """Mean next-token loss over the target tokens of every rank's batch.
+
+        Each rank divides its summed loss by the token count of all ranks (times the world size,
+        which DDP/FSDP's gradient averaging divides out again), so a token weighs the same
+        whichever rank holds it: training on N ranks equals one process on their joint batch, as
+        in fairseq, which the reference trained with.
+        """
+        logits = self.model(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask
+        ).logits
+        labels = inputs.labels[:, 1:]
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=-100,
+            reduction="sum",
         )
-        return out.loss
+        tokens = all_reduce_sum((labels != -100).sum()).clamp(min=1)
+        return loss * world()[1] / tokens
 
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int = 128, **kwargs) -> list[str]:

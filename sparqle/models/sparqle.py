@@ -1,4 +1,9 @@
-"""The composed model: speech encoder -> adapter -> LLM."""
+"""The composed model: speech encoder -> adapter -> LLM (stage 2), or -> stage-1 heads.
+
+Each public method does a whole step's model work, so under FSDP one root unit gathers the
+adapter once per step (`forward` and `pretrain` are the training entry points, `generate` the
+inference one).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,25 @@ import torch
 from torch import nn
 
 from sparqle.models.encoder import EncoderOutput, SpeechEncoder
-from sparqle.models.llm import LLM, SPEECH_SLOT, LLMInputs
+from sparqle.models.llm import LLM, LLMInputs
+from sparqle.models.pretrain import SpeechTextPretrainer
 
 
 class SparQLe(nn.Module):
-    """`llm` is None in stage 1, where only the encoder and the adapter's Q-Former are used."""
+    """`llm` is None in stage 1, where `heads` (the BLIP-2 losses) train the adapter's Q-Former."""
 
-    def __init__(self, encoder: SpeechEncoder, adapter: nn.Module, llm: LLM | None) -> None:
+    def __init__(
+        self,
+        encoder: SpeechEncoder,
+        adapter: nn.Module,
+        llm: LLM | None,
+        heads: SpeechTextPretrainer | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.adapter = adapter
         self.llm = llm
-
-    @staticmethod
-    def count_positions(inputs: LLMInputs) -> tuple[int, int]:
-        """(speech embeddings, all attended positions) in a batch of LLM inputs."""
-        return int((inputs.token_ids == SPEECH_SLOT).sum()), int(inputs.attention_mask.sum())
+        self.heads = heads
 
     def encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
         """Encoder features in the adapter's dtype: a bf16 frozen encoder may feed an fp32 adapter."""
@@ -42,10 +50,17 @@ class SparQLe(nn.Module):
         instructions: list[str],
         targets: list[str],
     ) -> tuple[torch.Tensor, LLMInputs]:
-        """(mean next-token loss over the targets, the LLM inputs it was computed on)."""
+        """Stage 2: (mean next-token loss over the targets, the LLM inputs it was computed on)."""
         speech, mask = self.embed_speech(audio, audio_lens)
         inputs = self.llm.build_inputs(speech, mask, instructions, targets)
         return self.llm(inputs), inputs
+
+    def pretrain(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, texts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Stage 1: the Q-Former's contrastive, matching and generation losses."""
+        enc = self.encode(audio, audio_lens)
+        return self.heads(self.adapter.qformer, enc.features, enc.mask, texts)
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,159 @@
+"""Scenarios the distributed tests run on 1 process or under `torchrun --nproc-per-node 2`.
+
+    python tests/distributed_checks.py faults OUT --strategy ddp|fsdp OVERRIDES...
+    python tests/distributed_checks.py validate OUT OVERRIDES...
+
+Each rank writes OUT.rank<r>.pt with what the test asserts on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from sparqle.config import module_kwargs  # noqa: E402
+from sparqle.data.collate import collate  # noqa: E402
+from sparqle.module import SparQLeModule  # noqa: E402
+from sparqle.strategies import FSDP2Strategy  # noqa: E402
+
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+
+
+def config(overrides: list[str]):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["experiment=tiny", "paths.output_dir=/tmp", *overrides])
+
+
+def trainer(strategy: str, **kwargs) -> L.Trainer:
+    if WORLD == 1:
+        strategy_obj = "auto"
+    elif strategy == "fsdp":
+        strategy_obj = FSDP2Strategy(compute_dtype="float32")
+    else:
+        strategy_obj = "ddp"
+    return L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy_obj,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **kwargs,
+    )
+
+
+class Weights(L.Callback):
+    """The adapter's weights (gathered in full) after every training step."""
+
+    def __init__(self) -> None:
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        from torch.distributed.tensor import DTensor
+
+        w = pl_module.model.adapter.proj.weight.detach()
+        self.after.append((w.full_tensor() if isinstance(w, DTensor) else w).clone())
+
+
+def faults(out: str, strategy: str, overrides: list[str]) -> None:
+    """Rank 1's second batch is empty (every clip skipped); rank 0's fourth loss is NaN."""
+    cfg = config(overrides)
+    L.seed_everything(cfg.seed)
+    module = SparQLeModule(**module_kwargs(cfg))
+    datamodule = instantiate(cfg.data)
+    real_loader = datamodule.train_dataloader
+
+    def loader():
+        for i, batch in enumerate(real_loader()):
+            if RANK == 1 and i == 1:
+                batch = collate([None] * len(batch["id"]))  # what the pipeline yields then
+            yield batch
+
+    class Loader:  # an iterable of batches (a list would read as a list of dataloaders)
+        def __iter__(self):
+            return loader()
+
+    datamodule.train_dataloader = Loader
+    real_losses, calls = module._losses, {"n": 0}
+
+    def losses(batch):
+        out = real_losses(batch)
+        calls["n"] += 1
+        if RANK == 0 and calls["n"] == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    module._losses = losses
+    weights = Weights()
+    run = trainer(strategy, max_steps=6, limit_val_batches=0, callbacks=[weights])
+    run.fit(module, datamodule=datamodule)
+    w = weights.after
+    torch.save(
+        {
+            "moved": [not torch.equal(w[i], w[i - 1]) for i in range(1, len(w))],
+            "final": w[-1],
+            "skipped": int(module.skips.total),
+        },
+        f"{out}.rank{RANK}.pt",
+    )
+
+
+def partial_references(module: SparQLeModule) -> None:
+    """Hypotheses that are each reference cut to a length of its own, so corpus BLEU is neither
+    0 nor 100 and differs from any average of per-rank scores (a random tiny LLM's German
+    shares no n-gram with the references)."""
+    real_step, targets = module.validation_step, []
+
+    def step(batch, batch_idx):
+        targets[:] = batch["target"]
+        return real_step(batch, batch_idx)
+
+    def generate(audio, audio_lens, instructions, **kwargs):
+        return [" ".join(t.split()[: 1 + len(t) % 4]) for t in targets]
+
+    module.validation_step = step
+    module.model.generate = generate
+
+
+def validate(out: str, overrides: list[str]) -> None:
+    """Validation metrics of three models: stage 1 (R@1), stage 2 on ASR (WER) and on
+    translation (BLEU), over the same validation set."""
+    results = {}
+    for stage, task in (("pretrain", "transcribe"), ("instruct", "transcribe"), ("instruct", "translate_de")):
+        cfg = config([f"stage={stage}", f"data.val_tasks={{{task}: 1.0}}", *overrides])
+        L.seed_everything(cfg.seed)
+        module = SparQLeModule(**module_kwargs(cfg))
+        if task != "transcribe":
+            partial_references(module)
+        run = trainer("ddp")
+        run.validate(module, datamodule=instantiate(cfg.data), verbose=False)
+        results[f"{stage}/{task}"] = {k: float(v) for k, v in run.callback_metrics.items()}
+    torch.save(results, f"{out}.rank{RANK}.pt")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=["faults", "validate"])
+    p.add_argument("out")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_intermixed_args()
+    if args.scenario == "faults":
+        faults(args.out, args.strategy, args.overrides)
+    else:
+        validate(args.out, args.overrides)
