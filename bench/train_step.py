@@ -126,8 +126,9 @@ def random_weights():
             c.from_pretrained = f
 
 
-def build_module(overrides: list[str]):
-    """(SparQLeModule with random weights on the best device, composed config) from overrides."""
+def build_module(overrides: list[str], meta: bool = False):
+    """(SparQLeModule with random weights on the best device, composed config) from overrides;
+    with `meta`, on the meta device: shapes and dtypes only, nothing allocated."""
     os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
     if not any(o.startswith("experiment=") for o in overrides):
         overrides = ["experiment=tiny", *overrides]
@@ -136,6 +137,9 @@ def build_module(overrides: list[str]):
     for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
         if cfg[group].get(key) in ARCHITECTURES:
             cfg[group][key] = architecture_dir(cfg[group][key], Path(cfg.paths.cache_dir))
+    if meta:
+        with random_weights(), torch.device("meta"):
+            return SparQLeModule(**module_kwargs(cfg)), cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with random_weights():
         module = SparQLeModule(**module_kwargs(cfg)).to(device)

@@ -1,0 +1,91 @@
+"""Per-GPU memory of a training step, before anything runs: the model is built on the meta device.
+
+    python bench/memory_plan.py experiment=sparqle_paper trainer=fsdp trainer.devices=8
+    python bench/memory_plan.py experiment=sparqle_paper stage=pretrain
+
+Prints the plan for the configured strategy and, for comparison, one GPU, DDP and FSDP on the
+configured number of devices. The figures come from sparqle.memory_plan (see its docstring for
+what each counts); weights are exact, activations are estimates for the configured batch at its
+longest clip (data.max_seconds) and longest target (llm.max_target_tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from train_step import build_module  # noqa: E402
+
+from sparqle.data.prompts import TRANSCRIBE, instruction  # noqa: E402
+from sparqle.memory_plan import GiB, StepShape, dtype_bytes, plan  # noqa: E402
+
+ROWS = (
+    "frozen weights",
+    "trained weights (fp32)",
+    "gradients (fp32)",
+    "optimizer state (AdamW, fp32)",
+    "FSDP gathered units",
+    "activations",
+    "peak",
+)
+
+
+def step_shape(module, cfg) -> StepShape:
+    data = cfg.data
+    batch = int(data.get("batch_size", 8))
+    seconds = float(data.get("max_seconds") or 30.0)
+    prompt = target = 0
+    if module.model.llm is not None:
+        before, after = module.model.llm.prompt_ids(instruction(TRANSCRIBE))
+        prompt = len(before) + len(after)
+        target = int(cfg.llm.get("max_target_tokens") or 128) + 1
+    text = int(cfg.stage.get("pretrain", {}).get("max_text_tokens") or 64)
+    return StepShape(batch, seconds, prompt, target, text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    args = p.parse_args()
+    module, cfg = build_module(args.overrides, meta=True)
+    shape = step_shape(module, cfg)
+    devices = cfg.trainer.get("devices")
+    world = (devices if isinstance(devices, int) else 8) * int(cfg.trainer.get("num_nodes", 1))
+    strategy = cfg.trainer.get("strategy")
+    name = (
+        "fsdp"
+        if not isinstance(strategy, str) and strategy is not None
+        else ("ddp" if strategy == "ddp" or world > 1 else "single")
+    )
+    compute = dtype_bytes(
+        strategy.get("compute_dtype", "bfloat16") if name == "fsdp" else "bfloat16"
+    )
+    print(
+        f"stage={cfg.stage.name}  encoder={cfg.encoder.name_or_path}  llm={cfg.llm.name_or_path}\n"
+        f"per rank: {shape.batch} utterances x {shape.seconds:.0f} s, prompt {shape.prompt_tokens} "
+        f"+ target {shape.target_tokens} LLM tokens (tokenizer: {module.model.llm.name_or_path if module.model.llm else '-'})"
+    )
+    plans = {
+        "1 GPU": plan(module, shape, "single", 1, compute_bytes=compute),
+        f"DDP x{world}": plan(module, shape, "ddp", world, compute_bytes=compute),
+        f"FSDP x{world}": plan(module, shape, "fsdp", world, compute_bytes=compute),
+    }
+    print(f"\nper-GPU GiB (configured: {name}, {world} GPUs)")
+    print(f"{'':32s}" + "".join(f"{k:>12s}" for k in plans))
+    for row in ROWS:
+        print(f"{row:32s}" + "".join(f"{v.get(row, 0) / GiB:12.1f}" for v in plans.values()))
+    acts = next(iter(plans.values()))["breakdown"]
+    print(
+        "\nactivations by part (GiB): "
+        + ", ".join(f"{k} {v / GiB:.1f}" for k, v in acts.items())
+        + "  (the encoder's transient is freed before the adapter and LLM run)"
+    )
+
+
+if __name__ == "__main__":
+    main()

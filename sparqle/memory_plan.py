@@ -1,0 +1,192 @@
+"""Device memory a training step needs per GPU, from the configured model's real shapes.
+
+Weights, gradients and optimizer state are counted from the module itself (built on the meta
+device by `bench/memory_plan.py`, so an 8B LLM costs nothing to count), by role and stored
+dtype. Activations are estimated per block from what autograd keeps for backward:
+
+- frozen decoder layer (the LLM; backward runs through it to reach the adapter, but its
+  weights need no gradient, so linear layers keep no inputs): per token, the two RMSNorm inputs
+  and statistics in fp32 (8h + 8), q and the attention output (2 x 2h), k and v (4 kv), the
+  log-sum-exp of fused attention (4 heads) and three MLP tensors (6I) in the compute dtype:
+  12h + 4kv + 6I + 4 heads bytes. `tests/test_memory_plan.py` checks this against the tensors
+  autograd saves in a real Llama layer;
+- trained Q-Former layer: every linear keeps its input too: per position b(8h + 2I) for self-
+  attention and FFN, b 5h more at cross-attention layers, whose keys and values keep b 2h per
+  speech frame;
+- logits: positions x vocabulary x (b + 4 + 4): the logits, their fp32 copy for the loss and
+  its gradient;
+- the frozen encoder runs without autograd: only its largest transient (the conv front end's
+  first layer at the audio rate) counts, and it is freed before the adapter and LLM run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GiB = 2**30
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def frozen_decoder_layer_bytes(
+    hidden: int, kv_dim: int, intermediate: int, heads: int, dtype_bytes: int = 2
+) -> int:
+    """Bytes autograd keeps per token in one frozen Llama-style layer (see the module doc)."""
+    b = dtype_bytes
+    return 8 * hidden + 8 + 2 * b * hidden + 2 * b * kv_dim + 4 * heads + 3 * b * intermediate
+
+
+@dataclass
+class StepShape:
+    """The batch a rank processes: utterances, seconds each, and token counts per utterance."""
+
+    batch: int
+    seconds: float
+    prompt_tokens: int  # chat template, system prompt and instruction around the speech
+    target_tokens: int  # longest target plus the end token
+    text_tokens: int  # stage 1: transcript length in the Q-Former's tokenizer
+
+
+def parameter_bytes(module) -> dict[str, int]:
+    """Stored bytes of frozen weights by part, and the trained parameters' count."""
+    model = module.model
+    frozen = {
+        "encoder": _bytes(p for p in model.encoder.parameters() if not p.requires_grad),
+        "adapter": _bytes(p for p in model.adapter.parameters() if not p.requires_grad),
+        "llm": 0
+        if model.llm is None
+        else _bytes(p for p in model.llm.parameters() if not p.requires_grad),
+    }
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {**frozen, "trained_params": trained}
+
+
+def activation_bytes(module, shape: StepShape, compute_bytes: int = 2) -> dict[str, int]:
+    """Estimated bytes kept for backward (and the encoder's transient peak) for one step."""
+    model, b = module.model, compute_bytes
+    enc = model.encoder
+    frames = int(shape.seconds * enc.frame_rate)
+    samples = int(shape.seconds * enc.sample_rate)
+    enc_cfg = enc.model.config
+    if hasattr(
+        enc_cfg, "conv_dim"
+    ):  # wav2vec2 family: the first conv layer at 1/5 of the audio rate
+        transient = shape.batch * enc_cfg.conv_dim[0] * (samples // enc_cfg.conv_stride[0]) * b * 2
+    else:  # Whisper: the first conv over 100 mel frames a second of its window
+        transient = shape.batch * enc_cfg.d_model * 3000 * b * 2
+    out = {"encoder_transient": transient}
+    features = shape.batch * frames * enc.hidden_size * 4  # cast to the fp32 adapter, kept
+    qformer = getattr(model.adapter, "qformer", None)
+    if qformer is None:
+        out["adapter"] = features
+    else:
+        cfg = qformer.config
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        cross = sum(
+            1 for i in range(cfg.num_hidden_layers) if i % cfg.cross_attention_frequency == 0
+        )
+        nq, lt = qformer.num_queries, shape.text_tokens
+        if model.heads is None:  # stage 2: the queries alone, one pass
+            positions, query_positions, speech_passes = nq, nq, 1
+        else:  # stage 1: ITC (queries, text), ITM (3 x queries + text), ITG (queries + text)
+            positions = nq + lt + 3 * (nq + lt) + (nq + lt)
+            query_positions, speech_passes = 5 * nq, 5
+        per_layer = b * (8 * h + 2 * inter) * positions * shape.batch
+        cross_bytes = cross * b * (5 * h * query_positions + 2 * h * frames * speech_passes)
+        out["adapter"] = features + cfg.num_hidden_layers * per_layer + cross_bytes * shape.batch
+        if model.heads is not None:
+            out["logits"] = shape.batch * lt * cfg.vocab_size * (b + 4 + 4)
+    if model.llm is not None:
+        cfg = model.llm.model.config
+        heads = cfg.num_attention_heads
+        kv = cfg.num_key_value_heads * (cfg.hidden_size // heads)
+        tokens = shape.batch * (
+            shape.prompt_tokens + _speech_slots(model, frames) + shape.target_tokens
+        )
+        per_token = frozen_decoder_layer_bytes(cfg.hidden_size, kv, cfg.intermediate_size, heads, b)
+        out["llm"] = cfg.num_hidden_layers * per_token * tokens
+        out["logits"] = tokens * cfg.vocab_size * (b + 4 + 4)
+    return out
+
+
+def _speech_slots(model, frames: int) -> int:
+    qformer = getattr(model.adapter, "qformer", None)
+    if qformer is not None and hasattr(model.adapter, "window"):
+        return -(-frames // model.adapter.stride) * qformer.num_queries
+    if qformer is not None:
+        return qformer.num_queries
+    return -(-frames // model.adapter.k)
+
+
+def _largest_unit_bytes(module: nn.Module, compute_bytes: int) -> tuple[int, int]:
+    """(largest block, LLM tail kept gathered) in the compute dtype, for FSDP's working set."""
+    from sparqle.strategies import block_classes
+
+    blocks = tuple(block_classes(module))
+    largest = max(
+        (sum(p.numel() for p in m.parameters()) for m in module.modules() if isinstance(m, blocks)),
+        default=0,
+    )
+    tail = 0
+    llm = module.model.llm
+    if llm is not None:
+        head = llm.model.get_output_embeddings()
+        tail = head.weight.numel() if head is not None else 0
+    return largest * compute_bytes, tail * compute_bytes
+
+
+def plan(
+    module,
+    shape: StepShape,
+    strategy: str,
+    world: int = 1,
+    shard_group: int | None = None,
+    compute_bytes: int = 2,
+) -> dict[str, float]:
+    """Per-GPU bytes by component. `strategy` is single, ddp or fsdp; FSDP shards over
+    `shard_group` ranks (the world, or the GPUs of a node with hybrid sharding)."""
+    params = parameter_bytes(module)
+    frozen = params["encoder"] + params["adapter"] + params["llm"]
+    n = params["trained_params"]
+    acts = activation_bytes(module, shape, compute_bytes)
+    out = {
+        "frozen weights": frozen,
+        "trained weights (fp32)": 4 * n,
+        "gradients (fp32)": 4 * n,
+        "optimizer state (AdamW, fp32)": 8 * n,
+    }
+    if strategy == "fsdp":
+        shards = shard_group or world
+        out = {k: v / shards for k, v in out.items()}
+        largest, tail = _largest_unit_bytes(module, compute_bytes)
+        # two blocks gathered (one computing, one prefetched), the LLM's tail kept gathered, the
+        # root (adapter weights outside the blocks) gathered through the step
+        root = 4 * n - sum(
+            4 * p.numel()
+            for m in module.modules()
+            if isinstance(m, tuple(_block_types(module)))
+            for p in m.parameters()
+            if p.requires_grad
+        )
+        out["FSDP gathered units"] = 2 * largest + tail + root * compute_bytes / 4
+    activations = sum(v for k, v in acts.items() if k != "encoder_transient")
+    out["activations"] = activations
+    steady = sum(out.values())
+    out["peak"] = max(steady, steady - activations + acts["encoder_transient"])
+    out["breakdown"] = acts
+    return out
+
+
+def _block_types(module):
+    from sparqle.strategies import block_classes
+
+    return block_classes(module)
+
+
+def dtype_bytes(name: str) -> int:
+    return torch.finfo(getattr(torch, name)).bits // 8

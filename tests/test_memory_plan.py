@@ -1,0 +1,57 @@
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from sparqle.memory_plan import StepShape, frozen_decoder_layer_bytes, parameter_bytes, plan
+from tests.test_module import make_module
+
+
+def _saved_bytes(layer, params, tokens: int, hidden: int, rotary) -> int:
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    cos, sin = rotary(x, pos)
+    saved = {}
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:  # a frozen weight kept for backward is no activation
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer(x, position_embeddings=(cos.to(x.dtype), sin.to(x.dtype)), attention_mask=None)
+    return sum(saved.values())
+
+
+def test_frozen_decoder_layer_formula_matches_what_autograd_keeps():
+    h, inter, heads, kv_heads = 512, 1376, 8, 2
+    cfg = LlamaConfig(
+        hidden_size=h,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        attn_implementation="sdpa",
+    )
+    layer = LlamaDecoderLayer(cfg, 0).to(torch.bfloat16).requires_grad_(False)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    rotary = LlamaRotaryEmbedding(cfg)
+    per_token = (
+        _saved_bytes(layer, params, 512, h, rotary) - _saved_bytes(layer, params, 256, h, rotary)
+    ) / 256
+    formula = frozen_decoder_layer_bytes(h, kv_heads * h // heads, inter, heads)
+    # what is left over is the rotary cos/sin of each position (4 x head_dim bytes)
+    assert abs(per_token - formula) / formula < 0.05, (per_token, formula)
+
+
+def test_weights_counted_exactly_and_sharded_by_fsdp(tiny_dir, synth_data):
+    module = make_module(tiny_dir, synth_data, "stage=instruct", "llm.dtype=bfloat16")
+    params = parameter_bytes(module)
+    llm = module.model.llm.model
+    assert params["llm"] == sum(p.numel() * 2 for p in llm.parameters())  # bf16, frozen
+    assert params["trained_params"] == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    shape = StepShape(batch=4, seconds=4.0, prompt_tokens=30, target_tokens=20, text_tokens=16)
+    one, fsdp = plan(module, shape, "single"), plan(module, shape, "fsdp", world=4)
+    assert fsdp["frozen weights"] == one["frozen weights"] / 4
+    assert fsdp["optimizer state (AdamW, fp32)"] == 8 * params["trained_params"] / 4
+    assert fsdp["activations"] == one["activations"] > 0
+    assert fsdp["peak"] < one["peak"]
