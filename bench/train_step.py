@@ -27,7 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+)
 
 from sparqle.config import module_kwargs  # noqa: E402
 from sparqle.models.tiny import ensure_tiny  # noqa: E402
@@ -98,6 +104,11 @@ def architecture_dir(name: str, cache: Path) -> str:
         for f in src.iterdir():  # tokenizer / feature-extractor files only
             if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
                 (out / f.name).write_bytes(f.read_bytes())
+        if model_type == "bert":  # the Q-Former checks its tokenizer against BERT's vocabulary
+            tok = AutoTokenizer.from_pretrained(out)
+            size = AutoConfig.from_pretrained(out).vocab_size
+            tok.add_tokens([f"[unused{i}]" for i in range(size - len(tok))])
+            tok.save_pretrained(out)
     return str(out)
 
 

@@ -353,8 +353,8 @@ class SparQLeModule(L.LightningModule):
         for k in ("loss", "itc", "itm", "itg"):
             if k in out:
                 self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=bs)
-        if self.model.heads is not None:
-            self.log("train/temperature", self.model.heads.temp.detach(), batch_size=bs)
+        if "temperature" in out:
+            self.log("train/temperature", out["temperature"], batch_size=bs)
         self.batch_stats = self._batch_stats(batch, out)
         return loss
 

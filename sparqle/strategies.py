@@ -74,27 +74,27 @@ def shard_model(
     `compute_dtype`, reducing gradients in fp32. The LLM's tail (norm, head) stays gathered
     from forward to backward, as transformers' own FSDP plan does.
     """
-    from torch.distributed.fsdp import (
-        MixedPrecisionPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    names = {m: n for n, m in model.named_modules()}
-    units: list[str] = []
-
-    def shard(module: nn.Module | list[nn.Module], policy: Any = None, reshard: bool = True):
-        parts = module if isinstance(module, list) else [module]
-        if policy is None:
-            policy = mixed if any(_trains(m) for m in parts) else MixedPrecisionPolicy()
-        fully_shard(
-            module,
-            mesh=mesh,
-            mp_policy=policy,
-            reshard_after_forward=reshard and reshard_after_forward,
-        )
-        units.append("+".join(names[m] or "<root>" for m in parts))
+    # the units, bottom-up: (modules, kept gathered after forward, compute dtype or None)
+    plan: list[tuple[list[nn.Module], bool, torch.dtype | None]] = []
+    blocks = tuple(block_classes(model))
+    plan += [([m], False, None) for m in model.modules() if isinstance(m, blocks)]
+    if model.llm is not None:
+        lm = model.llm.model
+        embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if head is not None and head.weight is embed.weight:
+            plan.append(([embed, head], True, None))
+        else:
+            plan.append(([embed], False, None))
+            if head is not None:
+                plan.append(([head], True, None))
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        plan.append(([base.base_model], True, None))
+    plan.append(([model.encoder.model], False, None))
+    if model.heads is not None:  # ITC/ITM/ITG compute in fp32 (temperature-scaled similarities)
+        plan.append(([model.heads], False, torch.float32))
+    plan.append(([model], False, None))
 
     if activation_checkpointing:
         for m in model.modules():
@@ -106,29 +106,38 @@ def shard_model(
                 m.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
-    blocks = tuple(block_classes(model))
-    for m in list(model.modules()):
-        if isinstance(m, blocks):
-            shard(m)
-    if model.llm is not None:
-        lm = model.llm.model
-        embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-        if head is not None and head.weight is embed.weight:
-            shard([embed, head], reshard=False)
-        else:
-            shard(embed)
-            if head is not None:
-                shard(head, reshard=False)
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        shard(base.base_model, reshard=False)
-    shard(model.encoder.model)
-    if model.heads is not None:
-        # ITC/ITM/ITG heads compute in fp32 (temperature-scaled similarities need it)
-        shard(model.heads, MixedPrecisionPolicy(reduce_dtype=torch.float32))
-    shard(model)
+    names = {m: n for n, m in model.named_modules()}
+    taken: set[int] = set()
+    policies = []
+    for parts, _, dtype in plan:  # each parameter belongs to the lowest unit holding it
+        own = [p for m in parts for p in m.parameters() if id(p) not in taken]
+        taken.update(id(p) for p in own)
+        policies.append(_policy(own, dtype or compute_dtype))
+    units = []
+    for (parts, keep, _), policy in zip(plan, policies, strict=True):
+        fully_shard(
+            parts if len(parts) > 1 else parts[0],
+            mesh=mesh,
+            mp_policy=policy,
+            reshard_after_forward=reshard_after_forward and not keep,
+        )
+        units.append("+".join(names[m] or "<root>" for m in parts))
     for method in ("pretrain", "generate"):
         register_fsdp_forward_method(model, method)
     return units
+
+
+def _policy(params: list[nn.Parameter], compute_dtype: torch.dtype):
+    """Frozen units as stored; units that train compute in compute_dtype, or lower where they
+    hold frozen weights of lower precision (LoRA in a bf16 LLM block, as peft computes it), so
+    what they hand on matches the frozen units around them. Gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not any(p.requires_grad for p in params):
+        return MixedPrecisionPolicy()
+    frozen = {p.dtype for p in params if not p.requires_grad and p.is_floating_point()}
+    dtype = min(frozen | {compute_dtype}, key=lambda d: torch.finfo(d).bits)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _trains_through(module: nn.Module, root: SparQLe) -> bool:

@@ -1,6 +1,6 @@
 """Scenarios the distributed tests run on 1 process or under `torchrun --nproc-per-node 2`.
 
-    python tests/distributed_checks.py faults OUT --strategy ddp|fsdp OVERRIDES...
+    python tests/distributed_checks.py faults OUT --strategy ddp|fsdp|hsdp OVERRIDES...
     python tests/distributed_checks.py validate OUT OVERRIDES...
 
 Each rank writes OUT.rank<r>.pt with what the test asserts on.
@@ -38,10 +38,15 @@ def config(overrides: list[str]):
 
 
 def trainer(strategy: str, **kwargs) -> L.Trainer:
+    """`hsdp`: FSDP2 on a 2-D (replicate x shard) mesh, with activation checkpointing."""
     if WORLD == 1:
         strategy_obj = "auto"
     elif strategy == "fsdp":
         strategy_obj = FSDP2Strategy(compute_dtype="float32")
+    elif strategy == "hsdp":
+        strategy_obj = FSDP2Strategy(
+            sharding="hybrid", activation_checkpointing=True, compute_dtype="float32"
+        )
     else:
         strategy_obj = "ddp"
     return L.Trainer(
@@ -66,7 +71,7 @@ class Weights(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         from torch.distributed.tensor import DTensor
 
-        w = pl_module.model.adapter.proj.weight.detach()
+        w = pl_module.model.adapter.qformer.query_tokens.detach()  # trained in both stages
         self.after.append((w.full_tensor() if isinstance(w, DTensor) else w).clone())
 
 
@@ -103,11 +108,16 @@ def faults(out: str, strategy: str, overrides: list[str]) -> None:
     run = trainer(strategy, max_steps=6, limit_val_batches=0, callbacks=[weights])
     run.fit(module, datamodule=datamodule)
     w = weights.after
+    llm = module.model.llm
     torch.save(
         {
             "moved": [not torch.equal(w[i], w[i - 1]) for i in range(1, len(w))],
             "final": w[-1],
             "skipped": int(module.skips.total),
+            "buffers": {} if llm is None else {n: b.dtype for n, b in llm.named_buffers()},
+            "mesh": None
+            if run.strategy.__class__.__name__ != "FSDP2Strategy"
+            else run.strategy.device_mesh.mesh_dim_names,
         },
         f"{out}.rank{RANK}.pt",
     )
@@ -134,7 +144,11 @@ def validate(out: str, overrides: list[str]) -> None:
     """Validation metrics of three models: stage 1 (R@1), stage 2 on ASR (WER) and on
     translation (BLEU), over the same validation set."""
     results = {}
-    for stage, task in (("pretrain", "transcribe"), ("instruct", "transcribe"), ("instruct", "translate_de")):
+    for stage, task in (
+        ("pretrain", "transcribe"),
+        ("instruct", "transcribe"),
+        ("instruct", "translate_de"),
+    ):
         cfg = config([f"stage={stage}", f"data.val_tasks={{{task}: 1.0}}", *overrides])
         L.seed_everything(cfg.seed)
         module = SparQLeModule(**module_kwargs(cfg))
@@ -150,7 +164,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("scenario", choices=["faults", "validate"])
     p.add_argument("out")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "hsdp"])
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     if args.scenario == "faults":

@@ -48,7 +48,9 @@ def test_weights_counted_exactly_and_sharded_by_fsdp(tiny_dir, synth_data):
     params = parameter_bytes(module)
     llm = module.model.llm.model
     assert params["llm"] == sum(p.numel() * 2 for p in llm.parameters())  # bf16, frozen
-    assert params["trained_params"] == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert params["trained_params"] == sum(
+        p.numel() for p in module.parameters() if p.requires_grad
+    )
     shape = StepShape(batch=4, seconds=4.0, prompt_tokens=30, target_tokens=20, text_tokens=16)
     one, fsdp = plan(module, shape, "single"), plan(module, shape, "fsdp", world=4)
     assert fsdp["frozen weights"] == one["frozen weights"] / 4

@@ -20,6 +20,7 @@ from tests.conftest import ROOT
 from tests.test_module import make_cfg, make_module
 
 PAPER_DTYPES = ("encoder.dtype=bfloat16", "llm.dtype=bfloat16")
+LORA = "llm.lora={r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}"
 ON_TWO_CPUS = ("trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2")
 FSDP = ("trainer=fsdp", *ON_TWO_CPUS, "trainer.precision=32-true")
 STEPS = ("trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2")
@@ -94,8 +95,8 @@ def runs(tiny_dir, synth_data, wide_llm, tmp_path_factory):
         "one/fp32": ("data.batch_size=4", "encoder.dtype=float32", "llm.dtype=float32"),
         "ddp/fp32": ("trainer=ddp", *ON_TWO_CPUS, "encoder.dtype=float32", "llm.dtype=float32"),
         "fsdp/fp32": (*FSDP, *fp32),
-        "one/paper": ("data.batch_size=4", *PAPER_DTYPES),
-        "fsdp/paper": (*FSDP, *PAPER_DTYPES, "trainer.strategy.compute_dtype=float32"),
+        "one/paper": ("data.batch_size=4", *PAPER_DTYPES, LORA),
+        "fsdp/paper": (*FSDP, *PAPER_DTYPES, LORA, "trainer.strategy.compute_dtype=float32"),
     }
     out = {}
     for name, extra in plans.items():
@@ -136,14 +137,16 @@ def test_fsdp_and_ddp_train_as_one_process_on_the_joint_batch(runs, tiny_dir, sy
     # ~lr whatever its gradient's size, so near-zero gradients that change sign show: measured
     # 1.2 % of the update's norm; 5 % still fails any real mismatch (a lost gradient, a rank's
     # batch counted twice) by an order of magnitude
-    init = _initial_adapter(tiny_dir, synth_data, wide_llm, *PAPER_DTYPES).state_dict()
+    init = _initial_adapter(tiny_dir, synth_data, wide_llm, *PAPER_DTYPES, LORA).state_dict()
     one, fsdp = (_weights(runs[n]["dir"])["state_dict"] for n in ("one/paper", "fsdp/paper"))
+    assert any("lora_" in k for k in fsdp)  # LoRA inside the frozen LLM's units trains too
     assert _update_gap(init, one, fsdp) < 0.05
 
     # FSDP units as planned: every block, the tied embedding/head as one unit, the root last
     log = (runs["fsdp/paper"]["dir"] / "tiny.log").read_text()
     units = next(ln for ln in log.splitlines() if "FSDP2 units:" in ln)
-    assert "llm.model.model.embed_tokens+llm.model.lm_head" in units and units.endswith("<root>")
+    assert "embed_tokens+llm.model.base_model.model.lm_head" in units  # tied: one unit
+    assert units.endswith("<root>")
     assert units.count("layers.") == 2 + 6 and units.count("encoder.layer.") == 2
     # one run directory for both ranks
     info = (runs["ddp/fp32"]["dir"] / "run_info.json").read_text()
@@ -151,12 +154,15 @@ def test_fsdp_and_ddp_train_as_one_process_on_the_joint_batch(runs, tiny_dir, sy
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_holds_only_what_is_trained(runs, tiny_dir, synth_data, wide_llm):
+def test_sharded_checkpoint_holds_only_what_is_trained(
+    runs, tiny_dir, synth_data, wide_llm, tmp_path
+):
     ckpt = _weights(runs["fsdp/paper"]["dir"])
     saved = ckpt["state_dict"]
-    assert saved and all(k.startswith("model.adapter.") for k in saved)
-    assert set(ckpt["sparqle_trainable"]) <= set(saved)
-    module = _initial_adapter(tiny_dir, synth_data, wide_llm, *PAPER_DTYPES)
+    lora = {k for k in saved if "lora_" in k}
+    assert lora and all(k.startswith("model.adapter.") for k in set(saved) - lora)
+    assert set(ckpt["sparqle_trainable"]) == set(saved)
+    module = _initial_adapter(tiny_dir, synth_data, wide_llm, *PAPER_DTYPES, LORA)
     model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
     assert saved_bytes <= 0.02 * model_bytes
@@ -165,13 +171,21 @@ def test_sharded_checkpoint_holds_only_what_is_trained(runs, tiny_dir, synth_dat
     n = sum(len(g["params"]) for g in state["param_groups"])
     assert n == len(ckpt["sparqle_trainable"]) and set(state["state"]) <= set(range(n))
     assert len(ckpt["rng"]) == 2  # one random state per rank
+    # and it exports (adapter + LoRA) and loads back like any other run's
+    from sparqle.export import export, load_exported
+
+    export(runs["fsdp/paper"]["dir"] / "checkpoints" / "last.ckpt", tmp_path / "export")
+    loaded = load_exported(tmp_path / "export").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
 
 
 @pytest.mark.slow
 def test_fsdp_killed_mid_epoch_resumes_to_the_same_weights(runs, tmp_path):
     ref = runs["fsdp/paper"]
     run_dir = tmp_path / "killed"
-    args = [a if not a.startswith("hydra.run.dir=") else f"hydra.run.dir={run_dir}" for a in ref["args"]]
+    args = [
+        a if not a.startswith("hydra.run.dir=") else f"hydra.run.dir={run_dir}" for a in ref["args"]
+    ]
     proc = _start(args)
     start = time.time()
     ckpts = run_dir / "checkpoints"
@@ -187,7 +201,9 @@ def test_fsdp_killed_mid_epoch_resumes_to_the_same_weights(runs, tmp_path):
     a, b = _weights(ref["dir"]), _weights(run_dir)
     assert a["global_step"] == b["global_step"] == 6
     for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{k} after resume at {killed_at}"
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (
+            f"{k} after resume at {killed_at}"
+        )
 
 
 @pytest.mark.slow
@@ -196,14 +212,12 @@ def test_two_rank_checkpoint_resumes_on_one(runs, tmp_path, tiny_dir, synth_data
     two_ranks = (*FSDP, "trainer.strategy.", "hydra.run.dir=")
     keep = [a for a in ref["args"] if not a.startswith(two_ranks)]
     step4 = ref["dir"] / "checkpoints" / "step0000004.ckpt"
-    _finish(
-        _start([*keep, "data.batch_size=4", f"hydra.run.dir={tmp_path}", f"ckpt_path={step4}"])
-    )
+    _finish(_start([*keep, "data.batch_size=4", f"hydra.run.dir={tmp_path}", f"ckpt_path={step4}"]))
     resumed = _weights(tmp_path)
     assert resumed["global_step"] == 6
     # the same global batches continue (the data position is kept in samples, not batches) with
     # the optimizer state of the two ranks: the update agrees as one process's does (see above)
-    init = _initial_adapter(tiny_dir, synth_data, wide_llm, *PAPER_DTYPES).state_dict()
+    init = _initial_adapter(tiny_dir, synth_data, wide_llm, *PAPER_DTYPES, LORA).state_dict()
     assert _update_gap(init, _weights(ref["dir"])["state_dict"], resumed["state_dict"]) < 0.05
 
 
@@ -219,9 +233,11 @@ def _torchrun(*args, timeout=180):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "strategy, stage", [("ddp", "instruct"), ("hsdp", "instruct"), ("fsdp", "pretrain")]
+)
 def test_empty_batch_and_nan_on_different_ranks_skip_the_same_steps(
-    strategy, tiny_dir, synth_data, tmp_path
+    strategy, stage, tiny_dir, synth_data, tmp_path
 ):
     out = tmp_path / "faults"
     _torchrun(
@@ -230,6 +246,7 @@ def test_empty_batch_and_nan_on_different_ranks_skip_the_same_steps(
         str(out),
         "--strategy",
         strategy,
+        f"stage={stage}",
         f"paths.cache_dir={tiny_dir}",
         f"data.train_manifest={synth_data / 'train.jsonl'}",
         f"data.val_manifest={synth_data / 'val.jsonl'}",
@@ -241,6 +258,10 @@ def test_empty_batch_and_nan_on_different_ranks_skip_the_same_steps(
     assert r0["moved"] == r1["moved"] == [False, True, False, True, True]
     assert r0["skipped"] == r1["skipped"] == 2
     assert torch.equal(r0["final"], r1["final"])
+    # the LLM's rotary frequencies stay fp32 beside its bf16 weights (no buffer is cast)
+    assert all(dtype == torch.float32 for dtype in r0["buffers"].values())
+    if strategy == "hsdp":  # a 2-D mesh (1 node x 2 ranks), activations recomputed
+        assert r0["mesh"] == ("replicate", "shard")
 
 
 @pytest.mark.slow

@@ -79,6 +79,22 @@ def test_paper_config_composes_offline():
     assert "num_queries: 100" in out and "cross_attention_frequency: 2" in out
 
 
+@pytest.mark.parametrize("data", ["manifest", "shards"])
+def test_paper_preset_builds_either_data_module(data):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["experiment=sparqle_paper", f"data={data}", "paths.output_dir=/tmp"]
+        )
+    dm = instantiate(cfg.data)  # the preset's data keys fit both DataModules
+    assert (
+        type(dm).__name__ == {"manifest": "ManifestDataModule", "shards": "ShardDataModule"}[data]
+    )
+    assert cfg.trainer.strategy == "ddp" and cfg.encoder.dtype == "bfloat16"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

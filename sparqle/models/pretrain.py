@@ -59,7 +59,7 @@ class SpeechTextPretrainer(nn.Module):
         self.speech_proj = nn.Linear(h, embed_dim)
         self.text_proj = nn.Linear(h, embed_dim)
         self.itm_head = nn.Linear(h, 2)
-        self.temp = nn.Parameter(torch.tensor(temperature))
+        self.temp = nn.Parameter(torch.full((1,), temperature))  # 1-D: FSDP shards no scalars
         self.lm_transform = BertPredictionHeadTransform(qformer.config)
         self.lm_bias = nn.Parameter(torch.zeros(qformer.config.vocab_size))
 
@@ -137,6 +137,7 @@ class SpeechTextPretrainer(nn.Module):
             "loss": itc + itm + itg,
             "sim_s2t": sim_s2t.detach(),
             "itc_targets": targets,
+            "temperature": self.temp.detach().squeeze().clone(),  # FSDP frees the gathered one
         }
 
     def _itm(
