@@ -100,8 +100,10 @@ class LLM(nn.Module):
         return self._prompt_cache[instruction]
 
     def target_ids(self, targets: list[str]) -> list[list[int]]:
+        """Target tokens, cut at max_target_tokens (the reference cuts at 128), then the end token."""
+        cut = self.max_target_tokens
         return [
-            ids + [self.eos_token_id]
+            ids[:cut] + [self.eos_token_id]
             for ids in self.tokenizer(targets, add_special_tokens=False).input_ids
         ]
 

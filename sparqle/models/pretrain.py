@@ -91,6 +91,21 @@ class SpeechTextPretrainer(nn.Module):
         )
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
+    def similarities(
+        self,
+        speech_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        all_speech: torch.Tensor,
+        all_text: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speech-to-text and text-to-speech logits, max over queries, in float32 even under
+        autocast: divided by a temperature near 0.01, bf16 products would be quantised by ~0.1."""
+        with torch.autocast(speech_feat.device.type, enabled=False):
+            s, t, temp = speech_feat.float(), text_feat.float(), self.temp.float()
+            sim_s2t = torch.einsum("bqe,ge->bqg", s, all_text.float()).amax(1) / temp
+            sim_t2s = torch.einsum("be,gqe->bgq", t, all_speech.float()).amax(2) / temp
+        return sim_s2t, sim_t2s
+
     def forward(
         self, qformer: SpeechQFormer, features: torch.Tensor, mask: torch.Tensor, texts: list[str]
     ) -> dict[str, torch.Tensor]:
@@ -100,13 +115,12 @@ class SpeechTextPretrainer(nn.Module):
 
         # ITC
         query_out = qformer(features, mask)
-        speech_feat = F.normalize(self.speech_proj(query_out), dim=-1)  # (B, Nq, E)
+        speech_feat = F.normalize(self.speech_proj(query_out).float(), dim=-1)  # (B, Nq, E)
         text_out = qformer.encode_text(ids, text_mask)
-        text_feat = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # (B, E)
+        text_feat = F.normalize(self.text_proj(text_out[:, 0]).float(), dim=-1)  # (B, E)
         all_speech, offset = gather_rows(speech_feat)
         all_text, _ = gather_rows(text_feat)
-        sim_s2t = torch.einsum("bqe,ge->bqg", speech_feat, all_text).amax(1) / self.temp
-        sim_t2s = torch.einsum("be,gqe->bgq", text_feat, all_speech).amax(2) / self.temp
+        sim_s2t, sim_t2s = self.similarities(speech_feat, text_feat, all_speech, all_text)
         targets = torch.arange(b, device=features.device) + offset
         itc = (
             F.cross_entropy(sim_s2t, targets, label_smoothing=self.label_smoothing)

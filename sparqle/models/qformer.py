@@ -74,6 +74,10 @@ class SpeechQFormer(nn.Module):
         self.copied_from_bert: list[str] = []
         if bert is not None:
             self.copied_from_bert = self.load_bert(bert)
+        with torch.no_grad():  # the [DEC] row as BERT initialises a new token (LAVIS's resize)
+            self.embeddings.word_embeddings.weight[vocab_size:].normal_(
+                0.0, self.config.initializer_range
+            )
 
     def text_parameters(self) -> list[nn.Parameter]:
         """Parameters only text positions use (embeddings, text FFNs): idle in stage 2."""

@@ -69,3 +69,14 @@ def test_frozen_and_lora_trainable_counts(tiny):
     q_out, v_out = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
     per_layer = 4 * (cfg.hidden_size + q_out) + 4 * (cfg.hidden_size + v_out)
     assert sum(trainable.values()) == cfg.num_hidden_layers * per_layer
+
+
+def test_targets_cut_at_max_target_tokens(tiny):
+    llm = LLM(tiny["llm"], max_target_tokens=3)
+    speech, mask = _speech([4])
+    text = "the dog sleeps under the old green tree"
+    ids = llm.tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) > 3
+    inp = llm.build_inputs(speech, mask, ["Transcribe the speech."], [text])
+    labelled = inp.labels[0][inp.labels[0] != -100].tolist()
+    assert labelled == ids[:3] + [llm.eos_token_id]  # cut before the end token, never the end

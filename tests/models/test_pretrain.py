@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from sparqle.models.pretrain import SpeechTextPretrainer, generation_mask
 from sparqle.models.qformer import SpeechQFormer
@@ -56,3 +57,39 @@ def test_losses_finite_and_fall_when_overfitting(tiny):
     # plateau at ln(batch) whose escape time is chaotic; it must not rise, and the sum must fall.
     assert min(h["itc"] for h in history) <= first["itc"] + 1e-3
     assert last["itg"] < 0.5 * first["itg"]
+
+
+def test_contrastive_logits_in_float32_under_bf16_autocast(tiny):
+    """At temperature 0.01 bf16 products would move logits by ~0.1: sims stay float32."""
+    qf = SpeechQFormer(32, num_queries=4, bert=tiny["bert"], dropout=0.0)
+    heads = SpeechTextPretrainer(qf, tiny["bert"], embed_dim=16)
+    with torch.no_grad():
+        heads.temp.fill_(0.01)
+    torch.manual_seed(0)
+    speech = F.normalize(torch.randn(3, 4, 16), dim=-1)
+    text = F.normalize(torch.randn(3, 16), dim=-1)
+    ref = heads.similarities(speech, text, speech, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = heads.similarities(speech, text, speech, text)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-6)
+    # and the features the heads make are float32 too, whatever autocast did to the projections
+    feats, mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.bool)
+    seen = {}
+    orig = heads.similarities
+    heads.similarities = lambda *a: seen.setdefault("dtypes", [x.dtype for x in a]) and orig(*a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        heads(qf, feats, mask, ["the dog", "a cat"])
+    assert seen["dtypes"] == [torch.float32] * 4
+
+
+def test_dec_row_starts_like_a_new_bert_token(tiny):
+    """LAVIS resizes BERT's embeddings: the new [DEC] row is N(0, 0.02), as BERT's rows are."""
+    torch.manual_seed(0)
+    qf = SpeechQFormer(32, num_queries=4, bert=tiny["bert"])
+    rows = qf.embeddings.word_embeddings.weight
+    dec = rows[qf.bert_vocab_size :]
+    assert dec.shape[0] == 1
+    assert dec.std().item() < 3 * qf.config.initializer_range
+    assert dec.abs().max().item() < 8 * qf.config.initializer_range
