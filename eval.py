@@ -29,6 +29,7 @@ from sparqle.evaluation import (
     write_report,
     write_rows,
 )  # noqa: E402
+from sparqle.models.llm import check_generation  # noqa: E402
 from sparqle.module import CheckpointMismatch  # noqa: E402
 
 log = logging.getLogger("sparqle.eval")
@@ -40,7 +41,12 @@ def evaluate(cfg: DictConfig) -> dict:
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    generation = OmegaConf.to_container(cfg.generation, resolve=True)
+    overrides = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items()
+        if v is not None
+    }
+    cap = OmegaConf.to_container(cfg.length_cap, resolve=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": OmegaConf.to_container(cfg, resolve=True), "models": {}}
@@ -51,14 +57,25 @@ def evaluate(cfg: DictConfig) -> dict:
         if name in report["models"]:
             name = f"{name}-{len(report['models'])}"
         datamodule = instantiate(cfg.data, sample_rate=module.model.encoder.sample_rate)
-        entry = {"checkpoint": str(ckpt), "checkpoint_sha256": fingerprint(ckpt), "tasks": {}}
+        # the checkpoint's own decoding settings (from its training config), then the overrides
+        generation = {**module.generation, **overrides}
+        if generation.get("max_new_tokens") == "auto":
+            generation.pop("max_new_tokens")
+        generation = check_generation(generation)
+        log.info("%s: decoding with %s", name, generation)
+        entry = {
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": fingerprint(ckpt),
+            "generation": generation,
+            "tasks": {},
+        }
         all_rows = []
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
         ) as progress:
             for spec in cfg.tasks:
                 loader = datamodule.eval_dataloader(spec, batch_size=cfg.batch_size)
-                rows, skipped = generate_rows(module, loader, spec, generation, progress)
+                rows, skipped = generate_rows(module, loader, spec, generation, progress, cap)
                 key = task_key(spec)
                 entry["tasks"][key] = score(rows, key, skipped, module.hparams.get("train_tasks"))
                 all_rows += rows

@@ -14,7 +14,7 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sparqle.config import check_devices, module_kwargs, report_user_errors  # noqa: E402
+from sparqle.config import check_devices, check_init_from, module_kwargs, report_user_errors  # noqa: E402
 from sparqle.data.manifest import ManifestError  # noqa: E402
 from sparqle.module import CheckpointMismatch, SparQLeModule, TrainingDiverged  # noqa: E402
 
@@ -31,6 +31,7 @@ USER_ERRORS = (
 
 def train(cfg: DictConfig) -> dict[str, float]:
     check_devices(cfg.trainer)  # before anything is built
+    check_init_from(cfg)
     L.seed_everything(cfg.seed, workers=True)
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]

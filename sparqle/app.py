@@ -47,7 +47,7 @@ def make_handler(
             batch.to(module.device),
             lens.to(module.device),
             [prompt] * len(pieces),
-            max_new_tokens=length_cap(float(lens.max()) / sr, {}),
+            max_new_tokens=length_cap(float(lens.max()) / sr),
         )
         return " ".join(h for h in hyps if h)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -42,12 +43,12 @@ def register_resolvers() -> None:
 
 def training_tasks(data: DictConfig) -> list[str]:
     """Task specs the configured data trains on (to tell zero-shot directions apart at eval)."""
-    weights: list[dict] = []
-    if data.get("tasks"):
-        weights.append(OmegaConf.to_container(data.tasks))
-    for src in (data.get("train") or {}).values():
-        weights.append(OmegaConf.to_container(src.get("tasks") or {"transcribe": 1.0}))
-    return sorted({k for w in weights for k, v in w.items() if float(v) > 0})
+    default = data.get("tasks") or OmegaConf.create({})
+    sources = (data.get("train") or {}).values()  # shards: named sources, each may set its own
+    weights = [OmegaConf.to_container(src.get("tasks") or default) for src in sources]
+    if not weights:
+        weights.append(OmegaConf.to_container(default))
+    return sorted({k for w in weights for k, v in w.items() if float(v) > 0} or {"transcribe"})
 
 
 def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -83,6 +84,24 @@ def check_devices(trainer: DictConfig) -> None:
             )
         if isinstance(devices, int) and devices > have:
             raise ValueError(f"trainer.devices={devices}: this machine has {have} GPU(s)")
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """Stage 2 of a Q-Former with no stage-1 checkpoint starts the Q-Former from BERT: warn, or
+    stop where `stage.require_init_from` is set (the paper preset); `stage.init_from=none`
+    says it is meant."""
+    stage = cfg.stage
+    if stage.name != "instruct" or cfg.get("ckpt_path") or stage.get("init_from") is not None:
+        return
+    if "qformer" not in str(cfg.adapter.get("_target_", "")).lower():
+        return
+    msg = (
+        "stage=instruct without stage.init_from: the Q-Former starts from BERT, not from a "
+        "stage-1 checkpoint (stage.init_from=PATH, or stage.init_from=none if that is meant)"
+    )
+    if stage.get("require_init_from"):
+        raise ValueError(msg)
+    logging.getLogger("sparqle.train").warning(msg)
 
 
 def report_user_errors(

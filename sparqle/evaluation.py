@@ -20,6 +20,7 @@ from rich.progress import Progress
 
 from sparqle import metrics
 from sparqle.data.tasks import parse_task
+from sparqle.models.llm import check_generation
 
 
 @dataclass
@@ -79,15 +80,10 @@ def fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def length_cap(seconds: float, generation: dict[str, Any]) -> int:
-    """max_new_tokens when not set: a bound from the audio duration (speech is ~3 words/s)."""
-    if generation.get("max_new_tokens"):
-        return int(generation["max_new_tokens"])
-    return int(
-        math.ceil(
-            generation.get("min_new_tokens", 16) + generation.get("tokens_per_second", 8) * seconds
-        )
-    )
+def length_cap(seconds: float, base: int = 16, per_second: float = 8) -> int:
+    """A max_new_tokens bound from the audio duration (speech is ~3 words/s), where the
+    decoding settings give none."""
+    return int(math.ceil(base + per_second * seconds))
 
 
 @torch.no_grad()
@@ -97,15 +93,16 @@ def generate_rows(
     spec: str,
     generation: dict[str, Any],
     progress: Progress | None = None,
+    cap: dict[str, float] | None = None,
 ) -> tuple[list[Row], int]:
-    """Hypotheses for every utterance of `batches` (a whole batch per generate call)."""
+    """Hypotheses for every utterance of `batches` (a whole batch per generate call).
+
+    `generation` goes whole to `generate` (checked: unknown keys are an error); without
+    max_new_tokens in it, each batch is capped by `length_cap` of its longest clip."""
     key = task_key(spec)
     _, lang = parse_task(spec)
-    gen = {
-        k: v
-        for k, v in generation.items()
-        if k in ("num_beams", "do_sample", "temperature", "top_p", "repetition_penalty")
-    }
+    gen = check_generation(generation)
+    fixed = gen.pop("max_new_tokens", None)
     sr = module.model.encoder.sample_rate
     rows, skipped = [], 0
     bar = progress.add_task(f"{key}", total=None) if progress else None
@@ -118,7 +115,7 @@ def generate_rows(
             batch["audio"].to(module.device),
             batch["audio_lens"].to(module.device),
             batch["instruction"],
-            max_new_tokens=length_cap(max(seconds), generation),
+            max_new_tokens=fixed or length_cap(max(seconds), **(cap or {})),
             **gen,
         )
         for i, hyp in enumerate(hyps):

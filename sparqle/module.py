@@ -24,14 +24,16 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from transformers import AutoConfig, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import AutoConfig
 
 from sparqle import metrics
 from sparqle.data.prompts import TRANSCRIBE, instruction
 from sparqle.distributed import all_reduce_max, all_reduce_sum, gather_objects, world
 from sparqle.models.adapters import QFormerAdapter
+from sparqle.models.llm import check_generation
 from sparqle.models.pretrain import SpeechTextPretrainer
 from sparqle.models.sparqle import SparQLe
+from sparqle.schedule import build_scheduler
 from sparqle.strategies import FSDP2Strategy
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class SparQLeModule(L.LightningModule):
         if self.stage not in STAGES:
             raise ValueError(f"stage.name={self.stage!r}: expected one of {', '.join(STAGES)}")
         self.optim_cfg = dict(stage.get("optim", {}))
-        self.generation = dict(generation or {})
+        self.generation = check_generation(generation or {})
         self.val_decode_batches = val_decode_batches
         self.max_nonfinite_steps = max_nonfinite_steps
         self.batch_stats: dict[str, float] = {}
@@ -137,7 +139,7 @@ class SparQLeModule(L.LightningModule):
             for p in ada.qformer.text_parameters():
                 p.requires_grad_(False)
         self.model = SparQLe(enc, ada, llm_module, heads)
-        if stage.get("init_from"):
+        if stage.get("init_from") and str(stage["init_from"]).lower() != "none":
             self.load_adapter_from(stage["init_from"])
         self._flop_params = {
             "encoder": sum(p.numel() for p in enc.parameters()),
@@ -254,15 +256,11 @@ class SparQLeModule(L.LightningModule):
             ],
             lr=cfg.get("lr", 1e-4),
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            eps=cfg.get("eps", 1e-8),
             fused=True,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer,
-            num_warmup_steps=min(cfg.get("warmup_steps", 0), total),
-            num_training_steps=total,
-            min_lr_rate=cfg.get("min_lr_ratio", 0.1),
-        )
+        scheduler = build_scheduler(optimizer, cfg, total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -383,11 +381,12 @@ class SparQLeModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         # Validation draws random numbers too (ITM negatives); keep them out of the training stream
-        # so a run resumed from a checkpoint replays training exactly.
-        self._rng_before_val = torch.get_rng_state()
+        # so a run resumed from a checkpoint replays training exactly (on GPU the CUDA generators
+        # draw dropout and ITM negatives: they are saved with the CPU, numpy and Python ones).
+        self._rng_before_val = _rng_state()
 
     def on_validation_end(self) -> None:
-        torch.set_rng_state(self._rng_before_val)
+        _set_rng_state(self._rng_before_val)
 
     def on_validation_epoch_start(self) -> None:
         self._val = defaultdict(list)

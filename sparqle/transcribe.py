@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         audio = torch.zeros(len(chunk), int(lens.max()))
         for j, (_, _, a) in enumerate(chunk):
             audio[j, : len(a)] = a
-        cap = args.max_new_tokens or length_cap(float(lens.max()) / sr, {})
+        cap = args.max_new_tokens or length_cap(float(lens.max()) / sr)
         hyps = module.model.generate(
             audio.to(module.device),
             lens.to(module.device),

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from sparqle.evaluation import length_cap, load_model
+from sparqle.evaluation import generate_rows, length_cap, load_model
+from sparqle.models.llm import check_generation
 from tests.conftest import ROOT
 from tests.test_module import make_module, save_checkpoint
 
@@ -33,8 +34,51 @@ def test_batched_generation_equals_one_at_a_time(trained, synth_data):
 
 
 def test_length_cap_follows_audio_duration():
-    assert length_cap(10.0, {"min_new_tokens": 16, "tokens_per_second": 8}) == 96
-    assert length_cap(10.0, {"max_new_tokens": 5}) == 5
+    assert length_cap(10.0) == 96
+    assert length_cap(10.0, base=4, per_second=1) == 14
+
+
+def test_decoding_settings_pass_through_and_unknown_keys_fail():
+    settings = {"num_beams": 5, "no_repeat_ngram_size": 2, "early_stopping": True}
+    assert check_generation({**settings, "length_penalty": 1.0}) == {
+        **settings,
+        "length_penalty": 1.0,
+    }
+    with pytest.raises(ValueError, match=r"^generation\.beam_size: not a decoding setting"):
+        check_generation({"beam_size": 5})
+    with pytest.raises(ValueError, match="generation.eos_token_id"):
+        check_generation({"eos_token_id": 3})
+
+
+def test_generate_rows_passes_every_setting_to_generate(monkeypatch):
+    """no_repeat_ngram_size, early_stopping, length_penalty reach `generate` (they were dropped)."""
+    seen = {}
+
+    class Model:
+        class encoder:  # noqa: N801
+            sample_rate = 16000
+
+        def generate(self, audio, lens, instructions, **kwargs):
+            seen.update(kwargs)
+            return ["hello"] * len(instructions)
+
+    module = type("M", (), {"model": Model(), "device": torch.device("cpu")})()
+    batch = {
+        "id": ["a"],
+        "audio": torch.zeros(1, 16000),
+        "audio_lens": torch.tensor([16000]),
+        "instruction": ["Transcribe."],
+        "target": ["hello"],
+        "lang": ["en"],
+        "num_skipped": 0,
+    }
+    settings = {"num_beams": 3, "no_repeat_ngram_size": 2, "early_stopping": True}
+    rows, _ = generate_rows(module, [batch], "asr", {**settings, "length_penalty": 0.5})
+    assert seen == {**settings, "length_penalty": 0.5, "max_new_tokens": length_cap(1.0)}
+    generate_rows(module, [batch], "asr", {"max_new_tokens": 7})
+    assert seen["max_new_tokens"] == 7
+    with pytest.raises(ValueError, match="generation.beam_size"):
+        generate_rows(module, [batch], "asr", {"beam_size": 3})
 
 
 @pytest.mark.slow

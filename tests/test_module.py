@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -111,7 +113,7 @@ def test_checkpoint_holds_trainable_weights_and_restores_exactly(
     assert set(module.trainable_names()) <= saved
     assert not any(k.startswith(("model.encoder.model.", "model.llm.model.")) for k in saved)
     assert all(k.startswith("model.adapter.") for k in saved)
-    assert ckpt["hyper_parameters"]["llm"]["name_or_path"].endswith("tiny-llm-v1")
+    assert ckpt["hyper_parameters"]["llm"]["name_or_path"].startswith(str(tiny_dir))
     restored = SparQLeModule.load_from_checkpoint(tmp_path / "m.ckpt")
     assert set(module.checkpoint_names()) == saved  # trained tensors; frozen ones are not saved
     for k in saved:
@@ -165,3 +167,85 @@ def test_bf16_frozen_encoder_feeds_the_fp32_adapter(tiny_dir, synth_data, batch,
     loss = module._losses(batch)["loss"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
+
+
+def test_init_from_none_is_said_and_missing_one_warns_or_stops(tiny_dir, synth_data, caplog):
+    from sparqle.config import check_init_from
+
+    cfg = make_cfg(tiny_dir, synth_data, "stage=instruct")
+    with caplog.at_level("WARNING", logger="sparqle.train"):
+        check_init_from(cfg)
+    assert "starts from BERT" in caplog.text
+    strict = make_cfg(tiny_dir, synth_data, "stage=instruct", "stage.require_init_from=true")
+    with pytest.raises(ValueError, match=r"^stage=instruct without stage.init_from"):
+        check_init_from(strict)
+    said = make_cfg(
+        tiny_dir,
+        synth_data,
+        "stage=instruct",
+        "stage.require_init_from=true",
+        "stage.init_from=none",
+    )
+    check_init_from(said)  # `none` is an answer
+    SparQLeModule(**module_kwargs(said))  # and loads nothing
+    check_init_from(make_cfg(tiny_dir, synth_data, "stage=pretrain"))
+    check_init_from(make_cfg(tiny_dir, synth_data, "stage=instruct", "adapter=linear"))
+
+
+def test_optimizer_eps_and_schedule_from_the_stage_config(tiny_dir, synth_data):
+    import lightning as L
+
+    module = make_module(
+        tiny_dir,
+        synth_data,
+        "stage=instruct",
+        "stage.optim.eps=1e-5",
+        "stage.optim.schedule=constant",
+        "stage.optim.lr=1e-4",
+        "stage.optim.warmup_init_lr=1e-6",
+        "stage.optim.warmup_steps=10",
+    )
+    trainer = L.Trainer(accelerator="cpu", max_steps=1000, logger=False)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    with mock.patch.object(
+        L.Trainer, "estimated_stepping_batches", new_callable=mock.PropertyMock, return_value=1000
+    ):
+        opt = module.configure_optimizers()
+    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    assert optimizer.defaults["eps"] == 1e-5
+    lrs = []
+    for _ in range(500):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-6)  # fairseq's --warmup-init-lr
+    assert lrs[5] == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
+    assert lrs[10:] == [pytest.approx(1e-4)] * 490  # constant after warm-up
+
+
+def test_validation_leaves_every_generator_as_it_found_it(tiny_dir, synth_data, monkeypatch):
+    """On GPU dropout and ITM negatives draw from the CUDA generators: they are restored too."""
+    import random
+
+    import numpy as np
+
+    cuda = {"state": [torch.tensor([1], dtype=torch.uint8)]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(cuda["state"]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: cuda.update(state=list(s)))
+    module = make_module(tiny_dir, synth_data, "stage=pretrain")
+
+    def seed():
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)
+
+    seed()
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    seed()
+    module.on_validation_start()
+    torch.rand(5), np.random.rand(2), random.random()  # validation draws from every generator
+    cuda["state"] = [torch.tensor([9], dtype=torch.uint8)]
+    module.on_validation_end()
+    assert cuda["state"][0].item() == 1
+    after = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]

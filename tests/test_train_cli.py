@@ -93,6 +93,39 @@ def test_paper_preset_builds_either_data_module(data):
         type(dm).__name__ == {"manifest": "ManifestDataModule", "shards": "ShardDataModule"}[data]
     )
     assert cfg.trainer.strategy == "ddp" and cfg.encoder.dtype == "bfloat16"
+    assert dm.min_seconds == 1.0 and dm.max_seconds == 30.0
+
+
+def test_paper_preset_shows_the_reference_values():
+    """`train.py experiment=sparqle_paper --cfg job` prints the authors' train.sh/generation.py values."""
+    import yaml
+
+    from sparqle.data.prompts import PAPER_SYSTEM_PROMPT
+
+    for stage in ("pretrain", "instruct"):
+        proc = run_train("experiment=sparqle_paper", f"stage={stage}", "--cfg", "job", timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cfg = yaml.safe_load(proc.stdout)
+        optim = cfg["stage"]["optim"]
+        assert optim["eps"] == 1e-5 and optim["betas"] == [0.9, 0.98] and optim["lr"] == 1e-4
+        assert optim["schedule"] == "constant" and optim["warmup_init_lr"] == 1e-6
+        assert optim["warmup_steps"] == 1000 and optim["weight_decay"] == 0.05
+        assert cfg["trainer"]["gradient_clip_val"] == 20.0
+        assert cfg["trainer"]["accumulate_grad_batches"] * cfg["data"]["batch_size"] == 16
+        assert cfg["generation"] == {
+            "num_beams": 5,
+            "no_repeat_ngram_size": 2,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "repetition_penalty": 1.0,
+            "do_sample": False,
+            "max_new_tokens": 75,
+        }
+        assert cfg["llm"]["system_prompt"] == PAPER_SYSTEM_PROMPT
+        assert cfg["llm"]["max_target_tokens"] == 128
+        assert cfg["data"]["tasks"] == {"transcribe": 1.0, "translate_de": 1.0}
+    assert cfg["stage"]["require_init_from"] is True
+    assert cfg["stage"]["pretrain"]["max_text_tokens"] == 100
 
 
 @pytest.mark.parametrize(

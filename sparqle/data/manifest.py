@@ -1,7 +1,7 @@
 """The utterance record every corpus is turned into, and the JSONL manifest that holds it.
 
 One line per utterance: {"id", "audio", "text", "translation": {lang: text}, "speaker",
-"duration", "lang"}; `audio` is a path, relative paths resolve against the manifest's folder.
+"duration", "lang", "task"}; `audio` is a path, relative paths resolve against the manifest's folder.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from sparqle.data.prompts import TRANSLATE, parse_task
 
 
 class ManifestError(ValueError):
@@ -24,9 +26,15 @@ class Utterance:
     speaker: str | None = None
     duration: float | None = None
     lang: str = "en"
+    # the task this utterance trains on ("transcribe", "translate_de"), as the reference's
+    # manifests name it; None: drawn by data.tasks' weights
+    task: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        record = asdict(self)
+        if record["task"] is None:
+            del record["task"]
+        return json.dumps(record, ensure_ascii=False)
 
 
 def _check(where: str, record: dict, name: str, kind: type | tuple, required: bool) -> None:
@@ -48,6 +56,7 @@ def parse_record(record: object, where: str, base_dir: Path | None = None) -> Ut
     _check(where, record, "speaker", (str, int), False)
     _check(where, record, "duration", (int, float), False)
     _check(where, record, "lang", str, False)
+    _check(where, record, "task", str, False)
     translation = record.get("translation") or {}
     for lang, text in translation.items():
         if not isinstance(text, str):
@@ -64,7 +73,22 @@ def parse_record(record: object, where: str, base_dir: Path | None = None) -> Ut
         speaker=None if speaker is None else str(speaker),
         duration=record.get("duration"),
         lang=record.get("lang", "en"),
+        task=_task(record.get("task"), translation, where),
     )
+
+
+def _task(task: str | None, translation: dict[str, str], where: str) -> str | None:
+    if task is None:
+        return None
+    try:
+        kind, lang = parse_task(task)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: field 'task': {exc}") from None
+    if kind == TRANSLATE and lang not in translation:
+        raise ManifestError(
+            f"{where}: field 'task' is {task!r} but 'translation.{lang}' is missing"
+        )
+    return task
 
 
 def read_manifest(path: str | Path) -> list[Utterance]:

@@ -30,12 +30,14 @@ class ManifestDataset(Dataset):
         train: bool,
         max_seconds: float | None = None,
         seed: int = 0,
+        min_seconds: float = 0.0,
     ) -> None:
         self.utterances = utterances
         self.sample_rate = sample_rate
         self.tasks = tasks
         self.train = train
         self.max_seconds = max_seconds
+        self.min_seconds = min_seconds
         self.seed = seed
 
     def __len__(self) -> int:
@@ -58,6 +60,10 @@ class ManifestDataset(Dataset):
             return None
         if self.max_seconds is not None and len(audio) > self.max_seconds * self.sample_rate:
             log.warning("skipping %s: longer than data.max_seconds=%s", utt.id, self.max_seconds)
+            return None
+        if len(audio) < self.min_seconds * self.sample_rate:
+            # a clip shorter than one encoder frame would give no features and a NaN loss
+            log.warning("skipping %s: shorter than data.min_seconds=%s", utt.id, self.min_seconds)
             return None
         return choice.sample(utt, audio)
 
@@ -108,6 +114,7 @@ class ManifestDataModule(L.LightningDataModule):
         val_tasks: Mapping[str, float] | None = None,
         max_seconds: float | None = 30.0,
         seed: int = 0,
+        min_seconds: float = 0.2,
     ) -> None:
         super().__init__()
         self.paths = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
@@ -118,6 +125,7 @@ class ManifestDataModule(L.LightningDataModule):
         self.tasks = TaskSampler(dict(tasks or {"transcribe": 1.0}))
         self.val_tasks = TaskSampler(dict(val_tasks or tasks or {"transcribe": 1.0}))
         self.max_seconds = max_seconds
+        self.min_seconds = min_seconds
         self.seed = seed
         self.datasets: dict[str, ManifestDataset] = {}
         self._resume: dict[str, int] | None = None
@@ -133,6 +141,7 @@ class ManifestDataModule(L.LightningDataModule):
                     train=train,
                     max_seconds=self.max_seconds if train else None,
                     seed=self.seed,
+                    min_seconds=self.min_seconds if train else 0.0,
                 )
 
     def _rank_world(self) -> tuple[int, int]:

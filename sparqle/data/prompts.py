@@ -36,20 +36,35 @@ LANGUAGE_NAMES = {
     "ta": "Tamil",
 }
 
+# The authors' instruction lists, word for word (djanibekov/rebooting-llm,
+# SparQLe-fairseq/models/sparqle/finetune_sparqle_instruct.py, `self.prompts`: 7 transcription,
+# 4 translation; their TARGETLANG is our {language}). The speech slot and its <Speech> tags are
+# the LLM wrapper's business, not part of the instruction.
 INSTRUCTIONS = {
     TRANSCRIBE: (
-        "Transcribe the speech.",
-        "Write down what is said in the audio.",
-        "Repeat the spoken words as text.",
-        "What does the speaker say? Answer with the exact words.",
+        "Can you transcribe the speech into a written format?",
+        "Listen to the speech and write down its content.",
+        "What is the content of the speech you heard?",
+        "Please write down the transcription of the speech.",
+        "Please transcribe the speech into a written format.",
+        "Write down the content of the speech you heard.",
+        "Can you write down the transcription of the speech?",
     ),
     TRANSLATE: (
-        "Translate the speech into {language}.",
-        "Translate what is said into {language}.",
-        "Give the {language} translation of the audio.",
-        "Listen and write the {language} translation.",
+        "Can you translate the speech into {language}?",
+        "Please translate the speech you heard into {language}.",
+        "Listen to the speech and translate it into {language}.",
+        "Give me the {language} translation of this speech.",
     ),
 }
+
+# The reference's system prompt (same file, `generate`: it used it only at inference; we use
+# it in training too, so that training and inference see the same prompt).
+PAPER_SYSTEM_PROMPT = (
+    "You are a speech-to-text conversion model. Your tasks include accurately transcribing "
+    "spoken language and translating audio samples as per user instructions. Please ensure "
+    "clarity and precision in both transcription and translation processes."
+)
 
 
 def language_name(code: str) -> str:
@@ -72,3 +87,16 @@ def instruction(task: str, lang: str | None = None, rng: random.Random | None = 
             raise ValueError("task 'translate' needs a target language")
         text = text.format(language=language_name(lang))
     return text
+
+
+def parse_task(spec: str) -> tuple[str, str | None]:
+    """'transcribe' or 'translate_de' / 'translate:de' -> (task, lang)."""
+    if spec == TRANSCRIBE or spec == "asr":
+        return TRANSCRIBE, None
+    for sep in ("_", ":"):
+        head, _, lang = spec.partition(sep)
+        if head == TRANSLATE and lang:
+            return TRANSLATE, lang
+    raise ValueError(
+        f"task {spec!r}: expected 'transcribe' or 'translate_LANG' (e.g. translate_de)"
+    )

@@ -172,7 +172,7 @@ def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
 
 class ShardDataModule(L.LightningDataModule):
     """Sources are named: {name: {urls, weight, tasks}}; `urls` is an index .json, a brace
-    pattern or pipe: URLs. `resampled: true` draws shards with replacement (infinite streams,
+    pattern or pipe: URLs; a source without `tasks` trains on `data.tasks`. `resampled: true` draws shards with replacement (infinite streams,
     equal on every rank) with an epoch length taken from the index; training on more than one
     rank always streams this way, so every rank takes the same number of steps.
     """
@@ -194,8 +194,10 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 4,
         resampled: bool = False,
         seed: int = 0,
+        tasks: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        self.tasks = dict(tasks or {"transcribe": 1.0})
         self.train_sources = {k: dict(v) for k, v in (train or {}).items()}
         self.val_source, self.test_source = val, test
         self.sample_rate = sample_rate
@@ -242,7 +244,7 @@ class ShardDataModule(L.LightningDataModule):
         self, src: Mapping[str, Any], train: bool, counter: SkipCounter, resampled: bool = False
     ) -> wds.DataPipeline:
         urls = expand_urls(src["urls"])
-        tasks = TaskSampler(dict(src.get("tasks") or {"transcribe": 1.0}))
+        tasks = TaskSampler(dict(src.get("tasks") or self.tasks))
         if resampled:
             rank, _ = self._rank_world()
             stages: list[Any] = [

@@ -24,6 +24,7 @@ def sample_metadata(utt: Utterance, duration: float) -> dict:
         "lang": utt.lang,
         "speaker": utt.speaker,
         "duration": round(duration, 4),
+        **({"task": utt.task} if utt.task else {}),
     }
 
 
@@ -36,6 +37,7 @@ def metadata_to_utterance(meta: dict, key: str) -> Utterance:
         speaker=meta.get("speaker"),
         duration=meta.get("duration"),
         lang=meta.get("lang", "en"),
+        task=meta.get("task"),
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sparqle.data.manifest import Utterance
-from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction
+from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction, parse_task
 
 
 @dataclass
@@ -33,24 +33,12 @@ class TaskChoice:
         }
 
 
-def parse_task(spec: str) -> tuple[str, str | None]:
-    """'transcribe' or 'translate_de' / 'translate:de' -> (task, lang)."""
-    if spec == TRANSCRIBE or spec == "asr":
-        return TRANSCRIBE, None
-    for sep in ("_", ":"):
-        head, _, lang = spec.partition(sep)
-        if head == TRANSLATE and lang:
-            return TRANSLATE, lang
-    raise ValueError(
-        f"task {spec!r}: expected 'transcribe' or 'translate_LANG' (e.g. translate_de)"
-    )
-
-
 class TaskSampler:
     """Weights over task specs, e.g. {"transcribe": 1.0, "translate_de": 0.5}.
 
     For each utterance the specs it can serve (a translation must exist) are drawn by weight;
-    with `rng=None` the highest-weight spec is taken (evaluation).
+    with `rng=None` the highest-weight spec is taken (evaluation). An utterance whose manifest
+    names a `task` trains on that one, as the reference's manifests decide.
     """
 
     def __init__(self, weights: Mapping[str, float]) -> None:
@@ -59,6 +47,9 @@ class TaskSampler:
         self.specs = [(parse_task(k), float(v)) for k, v in weights.items() if float(v) > 0]
 
     def choose(self, utt: Utterance, rng: random.Random | None) -> TaskChoice | None:
+        if utt.task is not None and rng is not None:  # the manifest names its training task
+            task, lang = parse_task(utt.task)
+            return self._choice(utt, task, lang, rng)
         options = [
             ((task, lang), w)
             for (task, lang), w in self.specs
@@ -70,8 +61,16 @@ class TaskSampler:
             (task, lang), _ = max(options, key=lambda o: o[1])
         else:
             (task, lang), _ = rng.choices(options, weights=[w for _, w in options])[0]
+        return self._choice(utt, task, lang, rng)
+
+    @staticmethod
+    def _choice(
+        utt: Utterance, task: str, lang: str | None, rng: random.Random | None
+    ) -> TaskChoice | None:
         if task == TRANSCRIBE:
             return TaskChoice(TRANSCRIBE, utt.lang, instruction(TRANSCRIBE, rng=rng), utt.text)
+        if not (utt.translation.get(lang) or "").strip():
+            return None
         return TaskChoice(
             TRANSLATE, lang, instruction(TRANSLATE, lang, rng=rng), utt.translation[lang]
         )

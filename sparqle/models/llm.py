@@ -7,18 +7,39 @@ Labels are -100 everywhere except the target tokens and the end token.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sparqle.distributed import all_reduce_sum, world
 
 SPEECH_PLACEHOLDER = "<|speech|>"
 SPEECH_SLOT = -1  # token_ids value at positions filled with speech embeddings
 PAD_SLOT = -2  # token_ids value at padding positions
+
+
+def check_generation(settings: Mapping[str, Any], where: str = "generation") -> dict[str, Any]:
+    """Decoding settings passed whole to `generate`: any transformers GenerationConfig field
+    (num_beams, no_repeat_ngram_size, early_stopping, length_penalty, do_sample, top_p, ...).
+    An unknown key is an error, not a setting silently dropped."""
+    known = GenerationConfig().to_dict()
+    for key in settings:
+        if key not in known or key in _NOT_SETTINGS:
+            raise ValueError(
+                f"{where}.{key}: not a decoding setting (transformers' GenerationConfig fields: "
+                "num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, "
+                "no_repeat_ngram_size, early_stopping, length_penalty, repetition_penalty, ...)"
+            )
+    return dict(settings)
+
+
+# GenerationConfig fields the LLM wrapper sets itself
+_NOT_SETTINGS = {"eos_token_id", "pad_token_id", "bos_token_id", "transformers_version"}
 
 
 @dataclass

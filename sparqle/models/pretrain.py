@@ -41,7 +41,7 @@ class SpeechTextPretrainer(nn.Module):
         tokenizer: str,
         embed_dim: int = 256,
         temperature: float = 0.07,
-        max_text_tokens: int = 64,
+        max_text_tokens: int = 100,
         label_smoothing: float = 0.1,
     ) -> None:
         super().__init__()

@@ -38,7 +38,7 @@ from transformers import (
 from sparqle.data.prompts import INSTRUCTIONS, LANGUAGE_NAMES
 
 KINDS = ("encoder", "whisper", "bert", "llm")
-_VERSION = "1"  # bump when a tiny architecture changes, so caches rebuild
+_VERSION = "2"  # bump when a tiny architecture or its vocabulary changes, so caches rebuild
 
 # Enough text for tokenizers to learn the common English, German and French pieces.
 _CORPUS = [

@@ -37,3 +37,27 @@ def test_evaluation_is_deterministic_and_canonical():
         == INSTRUCTIONS["translate"][0].format(language="French")
     )
     assert sampler.choose(Utterance(id="b", audio="b", text="x"), None) is None
+
+
+def test_the_reference_instructions_and_system_prompt():
+    """djanibekov/rebooting-llm finetune_sparqle_instruct.py: 7 + 4 instructions, its system prompt."""
+    from omegaconf import OmegaConf
+
+    from sparqle.data.prompts import PAPER_SYSTEM_PROMPT
+    from tests.conftest import ROOT
+
+    assert len(INSTRUCTIONS["transcribe"]) == 7 and len(INSTRUCTIONS["translate"]) == 4
+    assert INSTRUCTIONS["transcribe"][0] == "Can you transcribe the speech into a written format?"
+    assert instruction("translate", "de") == "Can you translate the speech into German?"
+    preset = OmegaConf.load(ROOT / "conf" / "experiment" / "sparqle_paper.yaml")
+    assert preset.llm.system_prompt == PAPER_SYSTEM_PROMPT
+
+
+def test_a_manifest_task_fixes_the_training_task():
+    sampler = TaskSampler({"transcribe": 1.0})
+    utt = Utterance(
+        id="a", audio="a", text="The dog.", translation={"de": "Der Hund."}, task="translate_de"
+    )
+    rng = random.Random(0)
+    assert {sampler.choose(utt, rng).target for _ in range(20)} == {"Der Hund."}
+    assert sampler.choose(utt, None).target == "The dog."  # evaluation asks for its own task
