@@ -1,5 +1,8 @@
 """Evaluate checkpoints: `python eval.py ckpt=PATH data=... tasks=[asr,translate_de] out=DIR`.
 
+`trainer.devices=N` generates on N devices (GPUs, or CPU processes), each a share of every
+batch; the rows are gathered and one report is written, the same as one process writes.
+
 Writes per-utterance TSVs, report.json (metrics, sacrebleu signatures, config, checkpoint
 hashes, degenerate-output counts) and report.md (the table for a paper).
 """
@@ -8,51 +11,71 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
-import torch  # noqa: E402
+import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from sparqle.config import report_user_errors  # noqa: E402  (registers resolvers)
 from sparqle.data.manifest import ManifestError  # noqa: E402
-from sparqle.evaluation import (
+from sparqle.distributed import gather_objects  # noqa: E402
+from sparqle.evaluation import (  # noqa: E402
+    BatchGenerator,
     fingerprint,
-    generate_rows,
     load_model,
+    merge_rank_rows,
     score,
     task_key,
     write_report,
     write_rows,
-)  # noqa: E402
+)
 from sparqle.models.llm import check_generation  # noqa: E402
 from sparqle.module import CheckpointMismatch  # noqa: E402
+from sparqle.strategies import TrainableOnlyDDPStrategy  # noqa: E402
 
 log = logging.getLogger("sparqle.eval")
 USER_ERRORS = (ManifestError, CheckpointMismatch, FileNotFoundError, ValueError)
 
 
+def eval_trainer(cfg: DictConfig) -> L.Trainer:
+    """Lightning runs generation: one process, or N (`trainer.devices=N`), each a share."""
+    devices, nodes = cfg.trainer.devices, cfg.trainer.get("num_nodes", 1)
+    many = devices == "auto" or (devices if isinstance(devices, int) else len(devices)) * nodes > 1
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=devices,
+        num_nodes=nodes,
+        strategy=TrainableOnlyDDPStrategy() if many else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # the DataModules give each rank its share
+        inference_mode=True,
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict:
     ckpts = list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
-    device = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
     overrides = {
         k: v
         for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items()
         if v is not None
     }
     cap = OmegaConf.to_container(cfg.length_cap, resolve=True)
+    trainer = eval_trainer(cfg)
+    lead = trainer.is_global_zero
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     report = {"config": OmegaConf.to_container(cfg, resolve=True), "models": {}}
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None] if lead else []
     for ckpt in ckpts:
-        module = load_model(ckpt, device)
+        module = load_model(ckpt, "cpu")
         name = Path(ckpt).stem if Path(ckpt).is_file() else Path(ckpt).name
         if name in report["models"]:
             name = f"{name}-{len(report['models'])}"
@@ -70,22 +93,28 @@ def evaluate(cfg: DictConfig) -> dict:
             "tasks": {},
         }
         all_rows = []
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-        ) as progress:
-            for spec in cfg.tasks:
-                loader = datamodule.eval_dataloader(spec, batch_size=cfg.batch_size)
-                rows, skipped = generate_rows(module, loader, spec, generation, progress, cap)
-                key = task_key(spec)
-                entry["tasks"][key] = score(rows, key, skipped, module.hparams.get("train_tasks"))
-                all_rows += rows
-                log.info(
-                    "%s %s: %s",
-                    name,
-                    key,
-                    {k: v for k, v in entry["tasks"][key].items() if "signature" not in k},
-                )
-        write_rows(out / f"{name}.tsv", all_rows)
+        for spec in cfg.tasks:
+            runner = BatchGenerator(
+                module,
+                partial(datamodule.eval_dataloader, spec, batch_size=cfg.batch_size),
+                spec,
+                generation,
+                cap,
+                cfg.precision,
+            )
+            mine = trainer.predict(runner)
+            rows, skipped = merge_rank_rows(gather_objects(mine))
+            key = task_key(spec)
+            entry["tasks"][key] = score(rows, key, skipped, module.hparams.get("train_tasks"))
+            all_rows += rows
+            log.info(
+                "%s %s: %s",
+                name,
+                key,
+                {k: v for k, v in entry["tasks"][key].items() if "signature" not in k},
+            )
+        if lead:
+            write_rows(out / f"{name}.tsv", all_rows)
         report["models"][name] = entry
         for lg in loggers:
             lg.log_metrics(
@@ -97,9 +126,10 @@ def evaluate(cfg: DictConfig) -> dict:
                 }
             )
         del module
-    write_report(out, report)
-    print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'}  per-utterance: {out}/*.tsv")
+    if lead:
+        write_report(out, report)
+        print((out / "report.md").read_text())
+        print(f"report: {out / 'report.md'}  per-utterance: {out}/*.tsv")
     return report
 
 

@@ -178,11 +178,15 @@ def main() -> None:
     p.add_argument("--target-words", type=int, default=20)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--precision", default="32", choices=["32", "bf16"])
+    p.add_argument(
+        "--precision", default=None, choices=["32", "bf16"], help="default: bf16 on a GPU, else 32"
+    )
     args = p.parse_args()
 
     module, cfg = build_module(args.overrides)
     device = module.device
+    if args.precision is None:  # the MFU denominator is the peak of the precision that runs
+        args.precision = "bf16" if device.type == "cuda" else "32"
     module.train()
     sr = module.model.encoder.sample_rate
     n = int(args.seconds * sr)
@@ -195,6 +199,8 @@ def main() -> None:
         "instruction": ["Transcribe the speech."] * args.batch,
     }
     batch["target"] = batch["text"]
+    if module.model.llm is not None:  # the LLM layout from the host's lengths, as in training
+        batch["speech_lengths"] = module.model.speech_lengths(batch["audio_lens"])
     params = [q for q in module.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32

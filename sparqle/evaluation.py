@@ -10,11 +10,12 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from rich.progress import Progress
 
@@ -80,6 +81,21 @@ def fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def inference_bf16(device: torch.device | str, precision: str = "auto") -> bool:
+    """Whether generation runs under bf16 autocast: on a GPU by default (the adapter's fp32
+    weights then run at the frozen LLM's speed), on a CPU only when asked."""
+    if precision not in ("auto", "bf16", "32"):
+        raise ValueError(f"precision={precision}: expected auto, bf16 or 32")
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
+def inference_autocast(device: torch.device | str, precision: str = "auto") -> torch.autocast:
+    device = torch.device(device)
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=inference_bf16(device, precision)
+    )
+
+
 def length_cap(seconds: float, base: int = 16, per_second: float = 8) -> int:
     """A max_new_tokens bound from the audio duration (speech is ~3 words/s), where the
     decoding settings give none."""
@@ -134,6 +150,49 @@ def generate_rows(
             rows.append(row)
         if progress:
             progress.advance(bar, len(hyps))
+    return rows, skipped
+
+
+class BatchGenerator(L.LightningModule):
+    """Generation as Lightning's predict step, so `eval.py trainer.devices=N` runs on N devices
+    (each rank its share of every batch, from the DataModule's eval loader) as training does."""
+
+    def __init__(
+        self,
+        module,
+        loader: Callable[[], Iterable[dict]],
+        spec: str,
+        generation: dict[str, Any],
+        cap: dict[str, float] | None = None,
+        precision: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.module, self.loader = module, loader
+        self.spec, self.generation, self.cap, self.precision = spec, generation, cap, precision
+        # every rank loads the same files: nothing to broadcast from rank 0 before predicting
+        from torch.nn.parallel import DistributedDataParallel
+
+        names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def predict_dataloader(self) -> Iterable[dict]:
+        """Built once the ranks are up, so the loader knows this rank's share."""
+        return self.loader()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[Row], int]:
+        with inference_autocast(self.device, self.precision):
+            return generate_rows(self.module, [batch], self.spec, self.generation, cap=self.cap)
+
+
+def merge_rank_rows(per_rank: list[list[tuple[list[Row], int]]]) -> tuple[list[Row], int]:
+    """Each rank's (rows, skipped) per batch -> one list in the one-process order: rank r held
+    items r, r + world, ... of every batch (RankShareBatches, the shard loaders' b[r::world])."""
+    rows, skipped = [], 0
+    for k in range(max(map(len, per_rank), default=0)):
+        parts = [r[k][0] if k < len(r) else [] for r in per_rank]
+        skipped += sum(r[k][1] for r in per_rank if k < len(r))
+        for j in range(max(map(len, parts), default=0)):
+            rows += [p[j] for p in parts if j < len(p)]
     return rows, skipped
 
 

@@ -13,8 +13,8 @@ dtype. Activations are estimated per block from what autograd keeps for backward
 - trained Q-Former layer: every linear keeps its input too: per position b(8h + 2I) for self-
   attention and FFN, b 5h more at cross-attention layers, whose keys and values keep b 2h per
   speech frame;
-- logits: positions x vocabulary x (b + 4 + 4): the logits, their fp32 copy for the loss and
-  its gradient;
+- logits: scored positions x vocabulary x (b + 4 + 4): the logits, their fp32 copy for the
+  loss and its gradient (stage 2 makes logits only from the first target position on);
 - the frozen encoder runs without autograd: only its largest transient (the conv front end's
   first layer at the audio rate) counts, and it is freed before the adapter and LLM run.
 """
@@ -110,7 +110,8 @@ def activation_bytes(module, shape: StepShape, compute_bytes: int = 2) -> dict[s
         )
         per_token = frozen_decoder_layer_bytes(cfg.hidden_size, kv, cfg.intermediate_size, heads, b)
         out["llm"] = cfg.num_hidden_layers * per_token * tokens
-        out["logits"] = tokens * cfg.vocab_size * (b + 4 + 4)
+        # logits only from the first scored position on (`LLM.forward`): the target and its end
+        out["logits"] = shape.batch * (shape.target_tokens + 1) * cfg.vocab_size * (b + 4 + 4)
     return out
 
 

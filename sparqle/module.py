@@ -310,6 +310,8 @@ class SparQLeModule(L.LightningModule):
             "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
             "samples": len(batch["id"]),
         }
+        if self.model.llm is not None:  # the LLM input layout, from the host's audio_lens
+            batch["speech_lengths"] = self.model.speech_lengths(batch["audio_lens"])
         return batch
 
     def _silence(self) -> dict[str, Any]:
@@ -330,7 +332,11 @@ class SparQLeModule(L.LightningModule):
         if self.stage == "pretrain":
             return self.model.pretrain(batch["audio"], batch["audio_lens"], batch["text"])
         loss, inputs = self.model(
-            batch["audio"], batch["audio_lens"], batch["instruction"], batch["target"]
+            batch["audio"],
+            batch["audio_lens"],
+            batch["instruction"],
+            batch["target"],
+            batch.get("speech_lengths"),
         )
         return {
             "loss": loss,
@@ -344,7 +350,8 @@ class SparQLeModule(L.LightningModule):
             self.log(f"train/{name}", float(n), reduce_fx="sum", on_step=False, on_epoch=True)
         out = self._losses(batch)
         loss = out["loss"]
-        self.skips.note(~torch.isfinite(loss.detach()) | torch.tensor(standin, device=loss.device))
+        bad = ~torch.isfinite(loss.detach())
+        self.skips.note(torch.ones_like(bad) if standin else bad)  # no host->device copy
         if standin:
             return loss * 0.0
         bs = len(batch["id"])

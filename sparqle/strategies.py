@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import HalfPrecision
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -296,6 +296,26 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX, Arm FEAT_BF16
+
+
+class TrainableOnlyDDPStrategy(DDPStrategy):
+    """DDP that synchronises only what is trained. Frozen parameters and every buffer are left
+    out of DDP's start-up broadcast (16 GB of Llama-3-8B + HuBERT-large weights each rank
+    already loaded from the same files) and buffers are not re-broadcast at each forward;
+    gradients live in DDP's buckets (`gradient_as_bucket_view`), not in a second copy."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("broadcast_buffers", False)
+        kwargs.setdefault("gradient_as_bucket_view", True)
+        super().__init__(**kwargs)
+
+    def _setup_model(self, model: nn.Module):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
+        ignore += [n for n, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        return super()._setup_model(model)
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "32"],
+        help="auto: bf16 autocast on a GPU, float32 on a CPU",
+    )
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     if args.task == TRANSLATE and not args.lang:
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
 
-    from sparqle.evaluation import length_cap, load_model
+    from sparqle.evaluation import inference_autocast, length_cap, load_model
 
     try:
         module = load_model(args.ckpt, args.device)
@@ -75,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         for j, (_, _, a) in enumerate(chunk):
             audio[j, : len(a)] = a
         cap = args.max_new_tokens or length_cap(float(lens.max()) / sr)
-        hyps = module.model.generate(
-            audio.to(module.device),
-            lens.to(module.device),
-            [prompt] * len(chunk),
-            max_new_tokens=cap,
-            num_beams=args.num_beams,
-        )
+        with inference_autocast(module.device, args.precision):
+            hyps = module.model.generate(
+                audio.to(module.device),
+                lens.to(module.device),
+                [prompt] * len(chunk),
+                max_new_tokens=cap,
+                num_beams=args.num_beams,
+            )
         results += [(i, k, h) for (i, k, _), h in zip(chunk, hyps, strict=True)]
     texts: dict[int, list[str]] = {}
     for i, _, h in sorted(results):  # back into file and time order

@@ -26,7 +26,7 @@ from hydra.utils import instantiate  # noqa: E402
 from sparqle.config import module_kwargs  # noqa: E402
 from sparqle.data.collate import collate  # noqa: E402
 from sparqle.module import SparQLeModule  # noqa: E402
-from sparqle.strategies import FSDP2Strategy  # noqa: E402
+from sparqle.strategies import FSDP2Strategy, TrainableOnlyDDPStrategy  # noqa: E402
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
@@ -48,7 +48,7 @@ def trainer(strategy: str, **kwargs) -> L.Trainer:
             sharding="hybrid", activation_checkpointing=True, compute_dtype="float32"
         )
     else:
-        strategy_obj = "ddp"
+        strategy_obj = TrainableOnlyDDPStrategy()
     return L.Trainer(
         accelerator="cpu",
         devices=WORLD,
@@ -67,6 +67,10 @@ class Weights(L.Callback):
 
     def __init__(self) -> None:
         self.after: list[torch.Tensor] = []
+        self.ddp_ignored: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.ddp_ignored = sorted(getattr(trainer.strategy.model, "parameters_to_ignore", []))
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         from torch.distributed.tensor import DTensor
@@ -115,6 +119,8 @@ def faults(out: str, strategy: str, overrides: list[str]) -> None:
             "final": w[-1],
             "skipped": int(module.skips.total),
             "buffers": {} if llm is None else {n: b.dtype for n, b in llm.named_buffers()},
+            "ddp_ignored": weights.ddp_ignored,
+            "frozen": sorted(n for n, p in module.named_parameters() if not p.requires_grad),
             "mesh": None
             if run.strategy.__class__.__name__ != "FSDP2Strategy"
             else run.strategy.device_mesh.mesh_dim_names,

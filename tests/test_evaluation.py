@@ -6,7 +6,13 @@ import sys
 import pytest
 import torch
 
-from sparqle.evaluation import generate_rows, length_cap, load_model
+from sparqle.evaluation import (
+    generate_rows,
+    inference_autocast,
+    inference_bf16,
+    length_cap,
+    load_model,
+)
 from sparqle.models.llm import check_generation
 from tests.conftest import ROOT
 from tests.test_module import make_module, save_checkpoint
@@ -36,6 +42,14 @@ def test_batched_generation_equals_one_at_a_time(trained, synth_data):
 def test_length_cap_follows_audio_duration():
     assert length_cap(10.0) == 96
     assert length_cap(10.0, base=4, per_second=1) == 14
+
+
+def test_inference_runs_bf16_autocast_on_gpus_only_unless_asked():
+    assert inference_bf16("cuda", "auto") and not inference_bf16("cpu", "auto")
+    assert inference_bf16("cpu", "bf16") and not inference_bf16("cuda", "32")
+    with pytest.raises(ValueError, match="^precision=fp8"):
+        inference_bf16("cpu", "fp8")
+    assert inference_autocast("cpu", "bf16").fast_dtype == torch.bfloat16
 
 
 def test_decoding_settings_pass_through_and_unknown_keys_fail():
@@ -118,6 +132,52 @@ def test_eval_cli_compares_checkpoint_and_export(trained, tiny_dir, synth_data, 
         rows[0].split("\t")[:5] == ["id", "task", "lang", "reference", "hypothesis"]
         and len(rows) == 13
     )
+
+
+def _eval(ckpt, data_args, out, tiny_dir, *more):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            f"ckpt={ckpt}",
+            *data_args,
+            "tasks=[asr,translate_de]",
+            f"out={out}",
+            f"paths.cache_dir={tiny_dir}",
+            f"hydra.run.dir={out / 'hydra'}",
+            "generation.max_new_tokens=6",
+            *more,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    return report["models"]["model"]["tasks"], (out / "model.tsv").read_text()
+
+
+@pytest.mark.slow
+def test_eval_on_two_processes_writes_the_one_process_report(
+    trained, tiny_dir, synth_data, tmp_path
+):
+    """trainer.devices=2: each rank generates its share of every batch; rows are gathered into
+    the report and TSV one process writes (same rows, same order, same corpus scores)."""
+    data = [f"data.test_manifest={synth_data / 'val.jsonl'}", "batch_size=2"]
+    one = _eval(trained / "model.ckpt", data, tmp_path / "one", tiny_dir)
+    two = _eval(
+        trained / "model.ckpt",
+        data,
+        tmp_path / "two",
+        tiny_dir,
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+    )
+    assert one[0]["asr"]["utterances"] == 6 == two[0]["asr"]["utterances"]
+    assert one[1] == two[1]  # every row, in order
+    for task in ("asr", "translate_de"):
+        assert {k: v for k, v in one[0][task].items()} == two[0][task]
 
 
 def test_eval_refuses_a_stage_one_model(tiny_dir, synth_data, tmp_path):

@@ -260,6 +260,9 @@ def test_empty_batch_and_nan_on_different_ranks_skip_the_same_steps(
     assert torch.equal(r0["final"], r1["final"])
     # the LLM's rotary frequencies stay fp32 beside its bf16 weights (no buffer is cast)
     assert all(dtype == torch.float32 for dtype in r0["buffers"].values())
+    if strategy == "ddp":  # frozen weights are neither broadcast nor reduced by DDP
+        ignored = {n.split("_forward_module.", 1)[-1] for n in r0["ddp_ignored"]}
+        assert r0["frozen"] and set(r0["frozen"]) <= ignored
     if strategy == "hsdp":  # a 2-D mesh (1 node x 2 ranks), activations recomputed
         assert r0["mesh"] == ("replicate", "shard")
 

@@ -321,8 +321,13 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("data.test (or data.val) is not set")
         counter = SkipCounter()
         bucket = self.bucket | ({"max_batch_size": batch_size} if batch_size else {})
+        # every rank reads every clip's metadata: rank 0 alone counts what is skipped there,
+        # so the counts summed over ranks are the one-process counts
+        rank, _ = self._rank_world()
         stream = wds.DataPipeline(
-            self._source({**src, "tasks": {task: 1.0}}, False, counter),
+            self._source(
+                {**src, "tasks": {task: 1.0}}, False, counter if rank == 0 else SkipCounter()
+            ),
             self._batches(counter, 0, bucket, True),
         )
         return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)

@@ -29,6 +29,10 @@ class QFormerAdapter(nn.Module):
         out_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
         return self.proj(queries), out_mask
 
+    def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
+        """Embeddings per utterance from its encoder frames (the LLM layout, known on the host)."""
+        return torch.full_like(frames, self.qformer.num_queries)
+
 
 class WindowQFormerAdapter(nn.Module):
     """SALMONN's window-level Q-Former: `num_queries` per window of `window_seconds`.
@@ -73,6 +77,14 @@ class WindowQFormerAdapter(nn.Module):
         out_mask = win_valid.repeat_interleave(nq, dim=1)
         return self.proj(q), out_mask
 
+    def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
+        """Windows that start inside the audio, `num_queries` each (a prefix of the batch's
+        windows, whose count follows the longest utterance). Host-side: reads frames.max()."""
+        t = int(frames.max()) if frames.numel() else 0
+        n_win = max(1, -(-max(t - self.window, 0) // self.stride) + 1)
+        windows = torch.div(frames + self.stride - 1, self.stride, rounding_mode="floor")
+        return windows.clamp(max=n_win) * self.qformer.num_queries
+
 
 class LinearAdapter(nn.Module):
     """SLAM-ASR: concatenate k consecutive frames, then a 2-layer MLP."""
@@ -104,3 +116,6 @@ class LinearAdapter(nn.Module):
         x = x.reshape(b, (t + pad) // self.k, d * self.k)
         out_mask = m.reshape(b, -1, self.k).any(-1)
         return self.mlp(x), out_mask
+
+    def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
+        return torch.div(frames + self.k - 1, self.k, rounding_mode="floor")

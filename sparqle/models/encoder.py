@@ -161,10 +161,13 @@ class SpeechEncoder(nn.Module):
         return stride
 
     def output_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        """Feature frames per utterance; pure arithmetic, so it runs on the host copy of
+        audio_lens before a batch moves to the GPU."""
         if self.model_type in WHISPER_TYPES:
             hop = self.feature_extractor.hop_length
             frames = torch.div(audio_lens, hop, rounding_mode="floor")
-            return torch.div(frames - 1, 2, rounding_mode="floor") + 1
+            lengths = torch.div(frames - 1, 2, rounding_mode="floor") + 1
+            return lengths.clamp(max=self.model.config.max_source_positions)  # the fixed window
         return self.model._get_feat_extract_output_lengths(audio_lens).long()
 
     def normalize_waveform(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
@@ -267,4 +270,4 @@ class SpeechEncoder(nn.Module):
             ).input_features
         dtype = next(self.model.parameters()).dtype
         states = self._run(input_features=feats.to(audio.device, dtype))
-        return states, self.output_lengths(audio_lens).clamp(max=states[-1].shape[1])
+        return states, self.output_lengths(audio_lens)

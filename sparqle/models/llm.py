@@ -23,6 +23,13 @@ SPEECH_SLOT = -1  # token_ids value at positions filled with speech embeddings
 PAD_SLOT = -2  # token_ids value at padding positions
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without making the host wait (pinned, non-blocking)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def check_generation(settings: Mapping[str, Any], where: str = "generation") -> dict[str, Any]:
     """Decoding settings passed whole to `generate`: any transformers GenerationConfig field
     (num_beams, no_repeat_ngram_size, early_stopping, length_penalty, do_sample, top_p, ...).
@@ -51,6 +58,8 @@ class LLMInputs:
     prompt_lengths: list[int]
     speech_positions: int = 0  # how many positions hold speech embeddings (host-side count)
     positions: int = 0  # how many positions are attended, speech included
+    pad_left: bool = False
+    scored_from: int = 0  # the first position whose next-token prediction some row scores
 
 
 class LLM(nn.Module):
@@ -135,42 +144,54 @@ class LLM(nn.Module):
         instructions: list[str],
         targets: list[str] | None = None,
         pad_left: bool = False,
+        speech_lengths: list[int] | None = None,
     ) -> LLMInputs:
         """Splice speech embeddings (B, N, H) into the prompts; with targets, add labels.
 
         Training pads right; generation pads left so every prompt ends at the last position.
+        The layout (token ids, labels, where each speech embedding goes) is built on the host
+        and moved in one non-blocking copy per tensor; with `speech_lengths` given (the valid
+        prefix of each row of `speech`, known from audio_lens before the batch moved) nothing
+        is read back from the device.
         """
-        n_speech = speech_mask.sum(1).tolist()
+        if speech_lengths is None:
+            speech_lengths = speech_mask.sum(1).tolist()
         tgt = self.target_ids(targets) if targets is not None else [[] for _ in instructions]
-        rows, prompt_lengths = [], []
-        for instr, n, t in zip(instructions, n_speech, tgt, strict=True):
+        rows, prompt_lengths, speech_starts = [], [], []
+        for instr, n, t in zip(instructions, speech_lengths, tgt, strict=True):
             before, after = self.prompt_ids(instr)
             prompt = before + [SPEECH_SLOT] * int(n) + after
             prompt_lengths.append(len(prompt))
+            speech_starts.append(len(before))
             rows.append(prompt + t)
-        width = max(map(len, rows))
-        token_ids = torch.full((len(rows), width), PAD_SLOT, dtype=torch.long)
+        b, width, n_max = len(rows), max(map(len, rows)), speech.shape[1]
+        token_ids = torch.full((b, width), PAD_SLOT, dtype=torch.long)
         labels = torch.full_like(token_ids, -100) if targets is not None else None
+        # gather index into [token embeddings (B*width rows); speech (B*n_max rows)]
+        source = torch.arange(b * width).view(b, width)
         for i, (row, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
             start = width - len(row) if pad_left else 0
             token_ids[i, start : start + len(row)] = torch.tensor(row)
             if labels is not None:
                 labels[i, start + p : start + len(row)] = torch.tensor(row[p:])
+            s0, n = start + speech_starts[i], int(speech_lengths[i])
+            source[i, s0 : s0 + n] = b * width + i * n_max + torch.arange(n)
         device = speech.device
-        token_ids = token_ids.to(device)
-        is_speech = token_ids == SPEECH_SLOT
         embed = self.model.get_input_embeddings()
         ids = torch.where(token_ids >= 0, token_ids, self.tokenizer.pad_token_id)
-        embeds = embed(ids)
-        embeds = embeds.masked_scatter(is_speech[..., None], speech[speech_mask].to(embeds.dtype))
+        tokens = embed(_to_device(ids, device))
+        table = torch.cat([tokens.flatten(0, 1), speech.flatten(0, 1).to(tokens.dtype)])
+        embeds = table.index_select(0, _to_device(source.flatten(), device)).view(b, width, -1)
         return LLMInputs(
             inputs_embeds=embeds,
-            attention_mask=(token_ids != PAD_SLOT).long(),
-            token_ids=token_ids,
-            labels=None if labels is None else labels.to(device),
+            attention_mask=_to_device((token_ids != PAD_SLOT).long(), device),
+            token_ids=_to_device(token_ids, device),
+            labels=None if labels is None else _to_device(labels, device),
             prompt_lengths=prompt_lengths,
-            speech_positions=int(sum(n_speech)),
+            speech_positions=int(sum(speech_lengths)),
             positions=sum(map(len, rows)),
+            pad_left=pad_left,
+            scored_from=min(prompt_lengths) - 1 if not pad_left else 0,
         )
 
     def forward(self, inputs: LLMInputs) -> torch.Tensor:
@@ -180,11 +201,19 @@ class LLM(nn.Module):
         which DDP/FSDP's gradient averaging divides out again), so a token weighs the same
         whichever rank holds it: training on N ranks equals one process on their joint batch, as
         in fairseq, which the reference trained with.
+
+        Rows are padded on the right, so causal attention alone keeps padding out of every real
+        position: no attention mask is passed (transformers would read it back to the host to
+        decide whether it can be skipped) and attention runs as plain causal. Logits are made
+        only from the first position that predicts a target on (`logits_to_keep`): the prompt
+        and speech positions, most of a row, never reach the vocabulary projection.
         """
-        logits = self.model(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask
-        ).logits
-        labels = inputs.labels[:, 1:]
+        if inputs.pad_left:
+            raise ValueError("the training loss needs right-padded inputs (pad_left=False)")
+        width = inputs.inputs_embeds.shape[1]
+        keep = width - inputs.scored_from
+        logits = self.model(inputs_embeds=inputs.inputs_embeds, logits_to_keep=keep).logits
+        labels = inputs.labels[:, inputs.scored_from + 1 :]
         loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(),
             labels.flatten(),

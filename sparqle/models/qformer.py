@@ -142,8 +142,7 @@ class SpeechQFormer(nn.Module):
         `attention_mask` covers queries + text: (B, Nq + L) padding mask or a (B, 1, Nq+L, Nq+L)
         bool mask of allowed positions.
         """
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = additive_mask(attention_mask, self.query_tokens.dtype)
+        attention_mask = _as_4d(attention_mask, self.query_tokens.dtype)
         speech = self.prepare_speech(speech)
         queries = self.query_tokens.expand(speech.shape[0], -1, -1)
         embeds = (
@@ -166,6 +165,17 @@ class SpeechQFormer(nn.Module):
         out = self.qformer(
             query_embeds=self.embeddings(input_ids=input_ids),
             query_length=0,
-            attention_mask=attention_mask,
+            attention_mask=_as_4d(attention_mask, self.query_tokens.dtype),
         )
         return out.last_hidden_state
+
+
+def _as_4d(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A padding (B, L) or allowed-positions (B, 1, L, L) mask as the additive 4-D mask
+    transformers takes as it is; given a 2-D one it would read it back to the host to decide
+    whether it can be skipped."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    return additive_mask(mask.bool(), dtype)

@@ -43,16 +43,25 @@ class SparQLe(nn.Module):
         enc = self.encode(audio, audio_lens)
         return self.adapter(enc.features, enc.mask)
 
+    def speech_lengths(self, audio_lens: torch.Tensor) -> list[int]:
+        """How many LLM positions each utterance's speech takes, from audio_lens on the host:
+        the layout of the LLM's input is then known before the batch reaches the device."""
+        frames = self.encoder.output_lengths(audio_lens.cpu())
+        return self.adapter.output_lengths(frames).tolist()
+
     def forward(
         self,
         audio: torch.Tensor,
         audio_lens: torch.Tensor,
         instructions: list[str],
         targets: list[str],
+        speech_lengths: list[int] | None = None,
     ) -> tuple[torch.Tensor, LLMInputs]:
         """Stage 2: (mean next-token loss over the targets, the LLM inputs it was computed on)."""
         speech, mask = self.embed_speech(audio, audio_lens)
-        inputs = self.llm.build_inputs(speech, mask, instructions, targets)
+        inputs = self.llm.build_inputs(
+            speech, mask, instructions, targets, speech_lengths=speech_lengths
+        )
         return self.llm(inputs), inputs
 
     def pretrain(

@@ -44,3 +44,33 @@ def test_output_lengths(adapters):
     assert wm.sum(1).tolist() == [5, 2]
     lin, lm = adapters["linear"](feats, mask)
     assert lm.sum(1).tolist() == [10, 4]
+
+
+@pytest.mark.parametrize("name", ["qformer", "window_qformer", "linear"])
+@pytest.mark.parametrize("lengths", [[50, 23, 7], [11, 10, 1], [40]])
+def test_host_output_lengths_are_the_valid_prefix_of_the_mask(adapters, name, lengths):
+    """The LLM layout is computed on the host from frame counts: it must be what the adapter's
+    mask says on the device, a prefix of each row."""
+    adapter = adapters[name].eval()
+    feats, mask = _features(lengths)
+    _, out_mask = adapter(feats, mask)
+    host = adapter.output_lengths(torch.tensor(lengths)).tolist()
+    assert host == out_mask.sum(1).tolist()
+    for i, n in enumerate(host):
+        assert out_mask[i, :n].all() and not out_mask[i, n:].any()
+
+
+def test_window_lengths_follow_the_batch_when_windows_overlap(tiny):
+    adapter = WindowQFormerAdapter(
+        32,
+        64,
+        frame_rate=50,
+        window_seconds=0.08,
+        stride_seconds=0.04,
+        bert=tiny["bert"],
+        dropout=0.0,
+    ).eval()
+    for lengths in ([10, 9], [10, 3], [7]):
+        feats, mask = _features(lengths)
+        _, out_mask = adapter(feats, mask)
+        assert adapter.output_lengths(torch.tensor(lengths)).tolist() == out_mask.sum(1).tolist()

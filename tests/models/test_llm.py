@@ -80,3 +80,43 @@ def test_targets_cut_at_max_target_tokens(tiny):
     inp = llm.build_inputs(speech, mask, ["Transcribe the speech."], [text])
     labelled = inp.labels[0][inp.labels[0] != -100].tolist()
     assert labelled == ids[:3] + [llm.eos_token_id]  # cut before the end token, never the end
+
+
+def test_loss_from_logits_at_target_positions_only_equals_the_full_path(llm):
+    """No attention mask (right padding under causal attention hides itself) and logits only
+    from the first scored position: the same loss as full logits with the mask, to 1e-5."""
+    torch.manual_seed(0)
+    speech, mask = _speech([6, 3, 5])
+    instr = ["Transcribe the speech.", "Translate the speech into German.", "Say it."]
+    targets = ["the dog sleeps", "der Hund schläft heute im alten Haus", "a"]
+    inp = llm.build_inputs(speech, mask, instr, targets)
+    seen = []
+    hook = llm.model.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: seen.append(out.shape)
+    )
+    try:
+        loss = llm(inp)
+    finally:
+        hook.remove()
+    full = llm.model(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask).logits
+    labels = inp.labels[:, 1:]
+    ref = torch.nn.functional.cross_entropy(
+        full[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    width = inp.inputs_embeds.shape[1]
+    longest_target = max(len(t) for t in llm.target_ids(targets))
+    kept = seen[0][1]
+    assert kept == width - min(inp.prompt_lengths) + 1 < width
+    assert kept <= longest_target + 1 + max(inp.prompt_lengths) - min(inp.prompt_lengths)
+
+
+def test_host_layout_and_index_splicing_match_the_mask(llm):
+    speech, mask = _speech([4, 2])
+    instr = ["Transcribe the speech."] * 2
+    a = llm.build_inputs(speech, mask, instr, ["the dog", "a cat"])
+    b = llm.build_inputs(speech, mask, instr, ["the dog", "a cat"], speech_lengths=[4, 2])
+    torch.testing.assert_close(a.inputs_embeds, b.inputs_embeds)
+    for i in range(2):
+        slots = b.token_ids[i] == SPEECH_SLOT
+        torch.testing.assert_close(b.inputs_embeds[i][slots], speech[i][mask[i]])
