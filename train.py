@@ -36,8 +36,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    datamodule = instantiate(cfg.data)
     module = SparQLeModule(**module_kwargs(cfg))
+    measured = {}
+    if "token_overhead" in cfg.data and cfg.data.token_overhead is None:
+        measured["token_overhead"] = module.model.token_overhead()
+        log.info("data.token_overhead=%d (measured from the prompt)", measured["token_overhead"])
+    datamodule = instantiate(cfg.data, **measured)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in module.parameters())
     log.info(

@@ -186,7 +186,7 @@ class ShardDataModule(L.LightningDataModule):
         max_seconds_per_batch: float = 240.0,
         batch_size: int = 64,
         max_tokens: int | None = None,
-        token_overhead: int = 128,
+        token_overhead: int | None = 128,
         min_seconds: float = 0.0,
         max_seconds: float | None = 30.0,
         pool_size: int = 2000,
@@ -197,6 +197,13 @@ class ShardDataModule(L.LightningDataModule):
         tasks: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        if token_overhead is None:  # train.py measures it from the LLM's prompt
+            if max_tokens is not None:
+                raise ValueError(
+                    "data.token_overhead=null with data.max_tokens set: give the LLM positions "
+                    "per utterance besides its target (train.py measures it)"
+                )
+            token_overhead = 0
         self.tasks = dict(tasks or {"transcribe": 1.0})
         self.train_sources = {k: dict(v) for k, v in (train or {}).items()}
         self.val_source, self.test_source = val, test

@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparqle.data.prompts import (
+    INSTRUCTIONS,
+    LANGUAGE_NAMES,
+    TRANSCRIBE,
+    TRANSLATE,
+    language_name,
+)
 from sparqle.models.encoder import EncoderOutput, SpeechEncoder
 from sparqle.models.llm import LLM, LLMInputs
 from sparqle.models.pretrain import SpeechTextPretrainer
@@ -42,6 +49,20 @@ class SparQLe(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.encode(audio, audio_lens)
         return self.adapter(enc.features, enc.mask)
+
+    def token_overhead(self, languages: list[str] | None = None) -> int:
+        """LLM positions an utterance takes besides its target: the longest prompt (chat
+        template, system prompt, any instruction variant) plus the adapter's fixed speech
+        positions (a Q-Former's queries; adapters whose output grows with the audio add none
+        here). The token budget of `data.max_tokens` is estimated from it."""
+        if self.llm is None:
+            return 0
+        texts = list(INSTRUCTIONS[TRANSCRIBE])
+        for lang in languages or list(LANGUAGE_NAMES):
+            texts += [t.format(language=language_name(lang)) for t in INSTRUCTIONS[TRANSLATE]]
+        prompt = max(sum(map(len, self.llm.prompt_ids(t))) for t in texts)
+        fixed = int(self.adapter.output_lengths(torch.zeros(1, dtype=torch.long))[0])
+        return prompt + fixed
 
     def speech_lengths(self, audio_lens: torch.Tensor) -> list[int]:
         """How many LLM positions each utterance's speech takes, from audio_lens on the host:

@@ -120,3 +120,24 @@ def test_host_layout_and_index_splicing_match_the_mask(llm):
     for i in range(2):
         slots = b.token_ids[i] == SPEECH_SLOT
         torch.testing.assert_close(b.inputs_embeds[i][slots], speech[i][mask[i]])
+
+
+def test_token_overhead_is_the_longest_prompt_plus_the_queries(tiny_dir, synth_data):
+    """The bucketing token budget's per-utterance overhead equals the longest prompt a training
+    batch really builds (template, instruction, the Q-Former's speech positions)."""
+    from sparqle.data.prompts import INSTRUCTIONS
+    from tests.test_module import make_module
+
+    module = make_module(tiny_dir, synth_data, "stage=instruct")
+    llm, nq = module.model.llm, module.model.adapter.qformer.num_queries
+    texts = [
+        *INSTRUCTIONS["transcribe"],
+        *(t.format(language="German") for t in INSTRUCTIONS["translate"]),
+    ]
+    built = [
+        llm.build_inputs(
+            torch.zeros(1, nq, llm.hidden_size), torch.ones(1, nq, dtype=torch.bool), [t], ["a"]
+        ).prompt_lengths[0]
+        for t in texts
+    ]
+    assert module.model.token_overhead(languages=["de"]) == max(built)
