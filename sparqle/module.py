@@ -26,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoConfig
 
-from sparqle import metrics
+from sparqle import flops, metrics
 from sparqle.data.prompts import TRANSCRIBE, instruction
 from sparqle.distributed import all_reduce_max, all_reduce_sum, gather_objects, world
 from sparqle.models.adapters import QFormerAdapter
@@ -141,14 +141,6 @@ class SparQLeModule(L.LightningModule):
         self.model = SparQLe(enc, ada, llm_module, heads)
         if stage.get("init_from") and str(stage["init_from"]).lower() != "none":
             self.load_adapter_from(stage["init_from"])
-        self._flop_params = {
-            "encoder": sum(p.numel() for p in enc.parameters()),
-            "adapter": sum(p.numel() for n, p in self.named_parameters() if p.requires_grad),
-            "llm": 0
-            if llm_module is None
-            else sum(p.numel() for p in llm_module.parameters())
-            - llm_module.model.get_input_embeddings().weight.numel(),
-        }
 
     # ----------------------------------------------------------------- parameters and checkpoints
     def trainable_names(self) -> list[str]:
@@ -309,6 +301,7 @@ class SparQLeModule(L.LightningModule):
         batch["stats"] = {
             "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
             "samples": len(batch["id"]),
+            "lengths": batch["audio_lens"].tolist(),
         }
         if self.model.llm is not None:  # the LLM input layout, from the host's audio_lens
             batch["speech_lengths"] = self.model.speech_lengths(batch["audio_lens"])
@@ -342,6 +335,8 @@ class SparQLeModule(L.LightningModule):
             "loss": loss,
             "llm_tokens": inputs.positions,
             "adapter_positions": inputs.speech_positions,
+            "llm_rows": inputs.row_lengths,
+            "llm_scored_from": inputs.scored_from,
         }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -364,27 +359,63 @@ class SparQLeModule(L.LightningModule):
         return loss
 
     def _batch_stats(self, batch: dict[str, Any], out: dict[str, Any]) -> dict[str, float]:
-        """Work done by this step, for throughput and MFU, from host-side counts (FLOPs: 2N per
-        token forward for every module, plus 2N backward through the frozen LLM's activations and
-        4N more for the trainable adapter's weight gradients)."""
+        """Work done by this step, for throughput and MFU, from host-side counts: FLOPs from the
+        real shapes (sparqle/flops.py) of the encoder (forward once; nothing where features
+        come from the cache), the trained adapter (x3: forward, both backwards) and the frozen
+        LLM (x2: forward, backward to its inputs)."""
         stats = batch.get("stats") or {
             "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
             "samples": len(batch["id"]),
+            "lengths": batch["audio_lens"].tolist(),
         }
-        frames = stats["audio_seconds"] * self.model.encoder.frame_rate
-        n = self._flop_params
+        model = self.model
+        lengths = stats.get("lengths") or []
+        frames = model.encoder.output_lengths(torch.tensor(lengths, dtype=torch.long)).tolist()
+        encoder = 0.0 if model.encoder.cache_features else sum(map(self._encoder_flops, lengths))
+        adapter = self._adapter_flops(frames, out.get("text_lengths"))
+        llm = 0.0
+        if model.llm is not None and out.get("llm_rows"):
+            rows, start = out["llm_rows"], out["llm_scored_from"]
+            llm = flops.llm_forward(model.llm.model.config, rows, [n - start for n in rows])
         llm_tokens = float(out.get("llm_tokens", 0))
-        qformer = getattr(self.model.adapter, "qformer", None)
-        default_positions = (
-            stats["samples"] * qformer.num_queries if qformer is not None else frames
+        total = encoder + 3 * adapter + 2 * llm
+        counts = {k: v for k, v in stats.items() if k != "lengths"}
+        return {**counts, "llm_tokens": llm_tokens, "flops": total}
+
+    def _encoder_flops(self, samples: int) -> float:
+        enc = self.model.encoder
+        if hasattr(enc.model.config, "conv_dim"):
+            return flops.ssl_encoder(enc.model.config, samples)
+        return flops.whisper_encoder(enc.model.config, enc.feature_extractor.nb_max_frames)
+
+    def _adapter_flops(self, frames: list[int], text_lengths: list[int] | None) -> float:
+        adapter, enc_dim = self.model.adapter, self.model.encoder.hidden_size
+        qformer = getattr(adapter, "qformer", None)
+        if qformer is None:  # LinearAdapter: the k-frame stacks through the 2-layer MLP
+            first, second = adapter.mlp[0], adapter.mlp[2]
+            per = 2 * (
+                first.in_features * first.out_features + second.in_features * second.out_features
+            )
+            return sum(per * -(-f // adapter.k) for f in frames)
+        cfg, nq, h = qformer.config, qformer.num_queries, qformer.hidden_size
+        proj = 2 * nq * h * adapter.proj.out_features
+        if hasattr(adapter, "window"):  # one pass per window that holds audio
+            windows = adapter.output_lengths(torch.tensor(frames)).div(nq).long().tolist()
+            return sum(
+                w * (flops.qformer_pass(cfg, nq, 0, adapter.window, enc_dim) + proj)
+                for w in windows
+            )
+        if text_lengths is None:  # stage 2: the queries, then the projection into the LLM
+            return sum(flops.qformer_pass(cfg, nq, 0, f, enc_dim) + proj for f in frames)
+        # stage 1: ITC (queries; text alone), ITM (3 pairs each), ITG (queries + text, LM head)
+        vocab = qformer.embeddings.word_embeddings.weight.shape[0]
+        return sum(
+            flops.qformer_pass(cfg, nq, 0, f, enc_dim)
+            + flops.qformer_pass(cfg, 0, t, 0, enc_dim)
+            + 4 * flops.qformer_pass(cfg, nq, t, f, enc_dim)
+            + 2 * t * h * (h + vocab)
+            for f, t in zip(frames, text_lengths, strict=True)
         )
-        adapter_positions = float(out.get("adapter_positions", default_positions))
-        flops = (
-            2 * n["encoder"] * frames
-            + 6 * n["adapter"] * adapter_positions
-            + 4 * n["llm"] * llm_tokens
-        )
-        return {**stats, "llm_tokens": llm_tokens, "flops": flops}
 
     def on_validation_start(self) -> None:
         # Validation draws random numbers too (ITM negatives); keep them out of the training stream

@@ -60,6 +60,7 @@ class LLMInputs:
     positions: int = 0  # how many positions are attended, speech included
     pad_left: bool = False
     scored_from: int = 0  # the first position whose next-token prediction some row scores
+    row_lengths: list[int] | None = None  # real positions per row (host-side)
 
 
 class LLM(nn.Module):
@@ -192,6 +193,7 @@ class LLM(nn.Module):
             positions=sum(map(len, rows)),
             pad_left=pad_left,
             scored_from=min(prompt_lengths) - 1 if not pad_left else 0,
+            row_lengths=[len(r) for r in rows],
         )
 
     def forward(self, inputs: LLMInputs) -> torch.Tensor:

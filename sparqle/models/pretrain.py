@@ -89,7 +89,9 @@ class SpeechTextPretrainer(nn.Module):
             max_length=self.max_text_tokens,
             return_tensors="pt",
         )
-        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        out["lengths"] = enc["attention_mask"].sum(1).tolist()  # host-side, for FLOP counts
+        return out
 
     def similarities(
         self,
@@ -152,6 +154,7 @@ class SpeechTextPretrainer(nn.Module):
             "sim_s2t": sim_s2t.detach(),
             "itc_targets": targets,
             "temperature": self.temp.detach().squeeze().clone(),  # FSDP frees the gathered one
+            "text_lengths": text["lengths"],
         }
 
     def _itm(
