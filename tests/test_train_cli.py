@@ -88,13 +88,19 @@ def test_paper_preset_builds_either_data_module(data):
         cfg = compose(
             "train", overrides=["experiment=sparqle_paper", f"data={data}", "paths.output_dir=/tmp"]
         )
-    dm = instantiate(cfg.data)  # the preset's data keys fit both DataModules
+    # the preset's data keys fit both DataModules (train.py measures the shards' token overhead)
+    measured = {"token_overhead": 179} if data == "shards" else {}
+    dm = instantiate(cfg.data, **measured)
     assert (
         type(dm).__name__ == {"manifest": "ManifestDataModule", "shards": "ShardDataModule"}[data]
     )
     assert cfg.trainer.strategy._target_.endswith("TrainableOnlyDDPStrategy")
     assert cfg.encoder.dtype == "bfloat16"
     assert dm.min_seconds == 1.0 and dm.max_seconds == 30.0
+    if data == "shards":  # the memory plan's 8 x (179 prompt + 129 target) LLM positions
+        assert dm.bucket["max_tokens"] == 2464
+    else:  # fixed-size batches: no token budget key reaches the manifest module
+        assert "max_tokens" not in cfg.data
 
 
 def test_paper_preset_shows_the_reference_values():

@@ -83,14 +83,11 @@ class SpeechTextPretrainer(nn.Module):
 
     def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
-            texts,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
+            texts, padding="longest", truncation=True, max_length=self.max_text_tokens
         )
-        out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        out["lengths"] = enc["attention_mask"].sum(1).tolist()  # host-side, for FLOP counts
+        # lists until the copy, so the lengths (for FLOP counts) never read a tensor back
+        out = {k: torch.tensor(enc[k], device=device) for k in ("input_ids", "attention_mask")}
+        out["lengths"] = [sum(m) for m in enc["attention_mask"]]
         return out
 
     def similarities(
