@@ -21,8 +21,8 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sparqle.config import report_user_errors  # noqa: E402  (registers resolvers)
-from sparqle.data.manifest import ManifestError  # noqa: E402
+from sparqle.cli import report_user_errors  # noqa: E402
+from sparqle.config import validate_config  # noqa: E402  (registers resolvers)
 from sparqle.distributed import gather_objects  # noqa: E402
 from sparqle.evaluation import (  # noqa: E402
     BatchGenerator,
@@ -35,11 +35,9 @@ from sparqle.evaluation import (  # noqa: E402
     write_rows,
 )
 from sparqle.models.llm import check_generation  # noqa: E402
-from sparqle.module import CheckpointMismatch  # noqa: E402
 from sparqle.strategies import TrainableOnlyDDPStrategy  # noqa: E402
 
 log = logging.getLogger("sparqle.eval")
-USER_ERRORS = (ManifestError, CheckpointMismatch, FileNotFoundError, ValueError)
 
 
 def eval_trainer(cfg: DictConfig) -> L.Trainer:
@@ -60,6 +58,7 @@ def eval_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    validate_config(cfg)  # before any model loads
     ckpts = list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
     overrides = {
         k: v
@@ -135,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    report_user_errors(evaluate, cfg, USER_ERRORS)
+    report_user_errors(evaluate, cfg)
 
 
 if __name__ == "__main__":

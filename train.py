@@ -14,23 +14,23 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sparqle.config import check_devices, check_init_from, module_kwargs, report_user_errors  # noqa: E402
-from sparqle.data.manifest import ManifestError  # noqa: E402
-from sparqle.module import CheckpointMismatch, SparQLeModule, TrainingDiverged  # noqa: E402
+from sparqle.cli import USER_ERRORS, report_user_errors  # noqa: E402
+from sparqle.config import (  # noqa: E402
+    TRAIN_FILES,
+    check_devices,
+    check_init_from,
+    module_kwargs,
+    validate_config,
+)
+from sparqle.module import SparQLeModule, TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("sparqle.train")
-USER_ERRORS = (
-    ManifestError,
-    CheckpointMismatch,
-    TrainingDiverged,
-    FileNotFoundError,
-    ValueError,
-    MisconfigurationException,
-)
+TRAIN_ERRORS = (*USER_ERRORS, TrainingDiverged, MisconfigurationException)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    check_devices(cfg.trainer)  # before anything is built
+    validate_config(cfg, TRAIN_FILES)  # before anything is built
+    check_devices(cfg.trainer)
     check_init_from(cfg)
     L.seed_everything(cfg.seed, workers=True)
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    report_user_errors(train, cfg, USER_ERRORS)
+    report_user_errors(train, cfg, errors=TRAIN_ERRORS)
 
 
 if __name__ == "__main__":

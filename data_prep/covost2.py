@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from sparqle.cli import reports_user_errors
 from sparqle.data.manifest import Utterance, write_manifest
 
 csv.field_size_limit(sys.maxsize)
@@ -66,6 +67,7 @@ def build(cv_root: Path, tsv: Path, split: str) -> tuple[list[Utterance], dict[s
     return utts, skipped
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(

@@ -9,7 +9,10 @@ import csv
 import sys
 from pathlib import Path
 
+from sparqle.cli import reports_user_errors
 
+
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     logs = Path((argv or sys.argv[1:])[0])
     metrics = logs / "pretrain" / "csv" / "version_0" / "metrics.csv"

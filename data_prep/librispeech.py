@@ -14,6 +14,7 @@ from pathlib import Path
 
 import soundfile as sf
 
+from sparqle.cli import reports_user_errors
 from sparqle.data.manifest import Utterance, write_manifest
 
 
@@ -45,6 +46,7 @@ def build(
     return utts, skipped
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, required=True)

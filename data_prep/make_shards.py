@@ -21,6 +21,7 @@ from pathlib import Path
 import webdataset as wds
 from rich.progress import Progress
 
+from sparqle.cli import reports_user_errors
 from sparqle.data.audio import AudioError, encode_flac, load_audio
 from sparqle.data.manifest import Utterance, read_manifest
 from sparqle.data.shards import (
@@ -151,6 +152,7 @@ def make_shards(
     )
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", type=Path, required=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import soundfile as sf
 import yaml
 
+from sparqle.cli import reports_user_errors
 from sparqle.data.audio import resample, to_mono_float
 from sparqle.data.manifest import Utterance, write_manifest
 
@@ -81,6 +82,7 @@ def build(root: Path, split: str, out: Path) -> tuple[list[Utterance], dict[str,
     return utts, skipped
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(

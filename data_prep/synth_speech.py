@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from data_prep.grammar import Sentence, unique_sentences
+from sparqle.cli import reports_user_errors
 from sparqle.data.audio import load_audio
 from sparqle.data.manifest import Utterance, write_manifest
 
@@ -172,6 +173,7 @@ def synthesise_split(
     return train, val
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)

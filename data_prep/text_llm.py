@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from data_prep.grammar import Sentence, sample_sentence
+from sparqle.cli import reports_user_errors
 from sparqle.data.prompts import INSTRUCTIONS, TRANSCRIBE, TRANSLATE, instruction
 from sparqle.models.llm import LLM, SPEECH_PLACEHOLDER
 from sparqle.models.tiny import save_llama, tiny_llm_tokenizer
@@ -152,6 +153,7 @@ def exact_match(llm: LLM, pool: list[Sentence]) -> float:
     return sum(h.strip() == t for h, (_, t) in zip(hyps, pairs, strict=True)) / len(pairs)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from sparqle.cli import reports_user_errors
 from sparqle.data.audio import resample, split_points, to_mono_float
 from sparqle.data.prompts import LANGUAGE_NAMES, TRANSCRIBE, TRANSLATE, instruction
 
@@ -73,6 +74,7 @@ def make_app(module):
     )
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)

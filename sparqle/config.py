@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
+import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 def _tiny(kind: str, root: str) -> str:
@@ -104,18 +104,158 @@ def check_init_from(cfg: DictConfig) -> None:
     logging.getLogger("sparqle.train").warning(msg)
 
 
-def report_user_errors(
-    fn: Callable[[DictConfig], Any], cfg: DictConfig, errors: tuple[type, ...]
-) -> Any:
-    """Run an entry point; a user error (bad path, field, option) ends it with one line.
-    HYDRA_FULL_ERROR=1 shows the traceback instead."""
-    try:
-        return fn(cfg)
-    except errors as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+class ConfigError(ValueError):
+    """A composed config with a wrong type or an out-of-range value."""
+
+
+Check = Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _int(lo: int | None = None, *, null: bool = False, words: tuple = ()) -> tuple[Check, str]:
+    says = f"an integer >= {lo}" if lo is not None else "an integer"
+    says += "".join(f" or {w}" for w in words) + (" or null" if null else "")
+    return (
+        lambda v: (v is None and null) or v in words or (_is_int(v) and (lo is None or v >= lo)),
+        says,
+    )
+
+
+def _number(lo: float, hi: float | None = None, *, above: bool = False, null: bool = False):
+    says = f"a number {'>' if above else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+    says += " or null" if null else ""
+
+    def ok(v: Any) -> bool:
+        if v is None:
+            return null
+        return _is_number(v) and (v > lo if above else v >= lo) and (hi is None or v <= hi)
+
+    return ok, says
+
+
+def _one_of(*options: Any) -> tuple[Check, str]:
+    return (lambda v: v in options), "one of " + ", ".join(str(o) for o in options)
+
+
+def _file_or(*words: Any) -> tuple[Check, str]:
+    says = "an existing file" + "".join(f" or {'null' if w is None else w}" for w in words)
+    return (lambda v: v in words or (isinstance(v, str) and Path(v).is_file())), says
+
+
+def _checkpoints(v: Any) -> bool:
+    paths = list(v) if isinstance(v, list | tuple | ListConfig) else [v]
+    return bool(paths) and all(isinstance(p, str) and Path(p).exists() for p in paths)
+
+
+def _betas(v: Any) -> bool:
+    return (
+        isinstance(v, list | tuple | ListConfig)
+        and len(v) == 2
+        and all(_is_number(b) and 0 <= b < 1 for b in v)
+    )
+
+
+def _devices(v: Any) -> bool:
+    if isinstance(v, list | ListConfig):
+        return len(v) > 0 and all(_is_int(d) and d >= 0 for d in v)
+    return v == "auto" or v == -1 or (_is_int(v) and v >= 1)
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+DTYPES = ("float32", "bfloat16", "float16")
+# key -> (check, what it must be); a key absent from the composed config is not checked
+RULES: dict[str, tuple[Check, str]] = {
+    "seed": _int(0),
+    "stage.name": _one_of("pretrain", "instruct"),
+    "stage.init_from": _file_or(None, "none"),
+    "stage.optim.lr": _number(0, above=True),
+    "stage.optim.weight_decay": _number(0),
+    "stage.optim.eps": _number(0, above=True),
+    "stage.optim.betas": (_betas, "two numbers in [0, 1)"),
+    "stage.optim.schedule": _one_of("constant", "cosine", "linear"),
+    "stage.optim.warmup_steps": _int(0),
+    "stage.optim.warmup_init_lr": _number(0),
+    "stage.optim.min_lr_ratio": _number(0, 1),
+    "stage.pretrain.embed_dim": _int(1),
+    "stage.pretrain.temperature": _number(0, above=True),
+    "stage.pretrain.max_text_tokens": _int(1),
+    "stage.pretrain.label_smoothing": _number(0, 1),
+    "encoder.dtype": _one_of(*DTYPES),
+    "encoder.sample_rate": _int(1),
+    "adapter.num_queries": _int(1),
+    "adapter.cross_attention_frequency": _int(1),
+    "adapter.num_layers": _int(1),
+    "adapter.hidden_size": _int(1),
+    "adapter.num_heads": _int(1),
+    "adapter.dropout": _number(0, 1),
+    "llm.dtype": _one_of(*DTYPES),
+    "llm.max_target_tokens": _int(1, null=True),
+    "data.batch_size": _int(1),
+    "data.val_batch_size": _int(1, null=True),
+    "data.num_workers": _int(0),
+    "data.min_seconds": _number(0),
+    "data.max_seconds": _number(0, above=True, null=True),
+    "data.max_seconds_per_batch": _number(0, above=True),
+    "data.max_tokens": _int(1, null=True),
+    "data.token_overhead": _int(0, null=True),
+    "data.pool_size": _int(1),
+    "trainer.max_steps": _int(-1),
+    "trainer.max_epochs": _int(-1, null=True),
+    "trainer.devices": (_devices, "an integer >= 1, a list of device indices, or auto"),
+    "trainer.num_nodes": _int(1),
+    "trainer.accumulate_grad_batches": _int(1),
+    "trainer.gradient_clip_val": _number(0, null=True),
+    "trainer.precision": _one_of(*PRECISIONS),
+    "trainer.val_check_interval": _number(0, above=True, null=True),
+    "trainer.log_every_n_steps": _int(1),
+    "generation.num_beams": _int(1, null=True),
+    "generation.max_new_tokens": _int(1, null=True, words=("auto",)),
+    "val_decode_batches": _int(0),
+    "max_nonfinite_steps": _int(1),
+    "ckpt": (_checkpoints, "an existing checkpoint file or exported directory, or a list of them"),
+    "ckpt_path": _file_or(None, "last"),
+    "batch_size": _int(1),
+}
+# the manifests training reads (evaluation reads only the test one, else the validation one)
+TRAIN_FILES: dict[str, tuple[Check, str]] = {
+    f"data.{split}_manifest": _file_or(None) for split in ("train", "val", "test")
+}
+
+
+def validate_config(cfg: DictConfig, extra: dict[str, tuple[Check, str]] | None = None) -> None:
+    """Check every known key of a composed config before anything is built, so a wrong type or
+    range stops at once with one line naming the key and what it must be."""
+    for key, (ok, says) in {**RULES, **(extra or {})}.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: expected {says}")
+    min_s, max_s = cfg.get("data", {}).get("min_seconds"), cfg.get("data", {}).get("max_seconds")
+    if _is_number(min_s) and _is_number(max_s) and min_s >= max_s:
+        raise ConfigError(f"data.min_seconds={min_s}: must be below data.max_seconds={max_s}")
+    strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default="")
+    devices, nodes = (
+        cfg.get("trainer", {}).get("devices"),
+        cfg.get("trainer", {}).get("num_nodes", 1),
+    )
+    if str(strategy).endswith("FSDP2Strategy") and devices == 1 and nodes == 1:
+        raise ConfigError(
+            "trainer.devices=1: trainer=fsdp shards over 2 or more devices (trainer=default "
+            "or trainer=gpu trains on one)"
+        )
+
+
+_ABSENT = object()
 
 
 register_resolvers()

@@ -16,6 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from sparqle.cli import reports_user_errors
+
 WEIGHTS = "adapter.safetensors"
 CONFIG = "config.yaml"
 
@@ -72,6 +74,7 @@ def load_exported(path: str | Path, **overrides: Any):
     return module
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)

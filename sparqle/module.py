@@ -31,6 +31,7 @@ from sparqle.data.prompts import TRANSCRIBE, instruction
 from sparqle.distributed import all_reduce_max, all_reduce_sum, gather_objects, world
 from sparqle.models.adapters import QFormerAdapter
 from sparqle.models.llm import check_generation
+from sparqle.models.loading import describe, quiet_loading
 from sparqle.models.pretrain import SpeechTextPretrainer
 from sparqle.models.sparqle import SparQLe
 from sparqle.schedule import build_scheduler
@@ -111,34 +112,41 @@ class SparQLeModule(L.LightningModule):
             False  # checkpoints hold trainable weights only; see on_load_checkpoint
         )
 
-        enc = instantiate(encoder)
-        if self.stage == "pretrain":
-            llm_module = None
-            llm_dim = AutoConfig.from_pretrained(llm["name_or_path"]).hidden_size
-        else:
-            llm_module = instantiate(llm)
-            llm_dim = llm_module.hidden_size
-        ada = instantiate(
-            adapter, encoder_dim=enc.hidden_size, llm_dim=llm_dim, frame_rate=enc.frame_rate
-        )
-        heads = None
-        if self.stage == "pretrain":
-            if not isinstance(ada, QFormerAdapter):
-                raise ValueError(
-                    f"stage=pretrain trains a Q-Former; adapter={type(ada).__name__} has none"
+        with quiet_loading():  # one line per part below instead of transformers' reports
+            enc = instantiate(encoder)
+            if self.stage == "pretrain":
+                llm_module = None
+                llm_dim = AutoConfig.from_pretrained(llm["name_or_path"]).hidden_size
+            else:
+                llm_module = instantiate(llm)
+                llm_dim = llm_module.hidden_size
+            ada = instantiate(
+                adapter, encoder_dim=enc.hidden_size, llm_dim=llm_dim, frame_rate=enc.frame_rate
+            )
+            heads = None
+            if self.stage == "pretrain":
+                if not isinstance(ada, QFormerAdapter):
+                    raise ValueError(
+                        f"stage=pretrain trains a Q-Former; adapter={type(ada).__name__} has none"
+                    )
+                if adapter.get("bert") is None:
+                    raise ValueError(
+                        "stage=pretrain needs adapter.bert: its tokenizer encodes the transcripts"
+                    )
+                heads = SpeechTextPretrainer(
+                    ada.qformer, adapter["bert"], **stage.get("pretrain", {})
                 )
-            if adapter.get("bert") is None:
-                raise ValueError(
-                    "stage=pretrain needs adapter.bert: its tokenizer encodes the transcripts"
-                )
-            heads = SpeechTextPretrainer(ada.qformer, adapter["bert"], **stage.get("pretrain", {}))
-            heads.load_bert_lm_head(adapter["bert"])
-            ada.proj.requires_grad_(False)  # the projection to the LLM is trained in stage 2
-        elif isinstance(getattr(ada, "qformer", None), torch.nn.Module):
-            # text positions are unused without the stage-1 losses
-            for p in ada.qformer.text_parameters():
-                p.requires_grad_(False)
+                heads.load_bert_lm_head(adapter["bert"])
+                ada.proj.requires_grad_(False)  # the projection to the LLM is trained in stage 2
+            elif isinstance(getattr(ada, "qformer", None), torch.nn.Module):
+                # text positions are unused without the stage-1 losses
+                for p in ada.qformer.text_parameters():
+                    p.requires_grad_(False)
         self.model = SparQLe(enc, ada, llm_module, heads)
+        log.info(describe("encoder", encoder["name_or_path"], enc))
+        log.info(describe("adapter", type(ada).__name__, ada))
+        if llm_module is not None:
+            log.info(describe("llm", llm["name_or_path"], llm_module))
         if stage.get("init_from") and str(stage["init_from"]).lower() != "none":
             self.load_adapter_from(stage["init_from"])
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from sparqle.cli import reports_user_errors, say_progress
 from sparqle.data.audio import AudioError, load_audio, split_points
 from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a training checkpoint or an export folder")
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
 
     from sparqle.evaluation import inference_autocast, length_cap, load_model
+
+    say_progress()
 
     try:
         module = load_model(args.ckpt, args.device)

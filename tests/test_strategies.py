@@ -362,7 +362,7 @@ def test_fsdp_asks_for_devices_the_machine_has(tiny_dir, synth_data, tmp_path):
         timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: trainer.accelerator=gpu: this machine has no GPU")
     assert not (tmp_path / "checkpoints").exists()

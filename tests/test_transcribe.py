@@ -60,6 +60,10 @@ def test_transcribe_cli_handles_formats_and_bad_files(trained, synth_data, tmp_p
     assert any("missing.flac: no such file" in e for e in errors)
     assert any("notes.txt" in e and "cannot decode" in e for e in errors)
     assert any("empty.wav" in e and "empty audio" in e for e in errors)
+    # quiet loading: one line per part, none of transformers' progress bars or key tables
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("error:")]
+    assert [line.split(":")[0] for line in said] == ["encoder", "adapter", "llm"], said
+    assert all("M parameters (" in line for line in said), said
 
 
 def test_transcribe_cli_needs_a_language_to_translate(trained, tmp_path):

@@ -1,0 +1,43 @@
+"""Loading pretrained parts quietly: transformers' per-load progress bars and key-report tables
+(UNEXPECTED / MISSING keys of the BERT head we do not use) read as errors to a user, so they are
+held back unless HYDRA_FULL_ERROR=1 asks for everything; one line per part is said instead."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def describe(role: str, name: str, part: nn.Module) -> str:
+    """`encoder: facebook/hubert-large-ll60k, 315.4M parameters (bfloat16), frozen`."""
+    params = list(part.parameters())
+    total = sum(p.numel() for p in params)
+    trained = sum(p.numel() for p in params if p.requires_grad)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    state = (
+        "frozen"
+        if trained == 0
+        else ("trained" if trained == total else f"{trained / 1e6:.1f}M trained")
+    )
+    return f"{role}: {name}, {total / 1e6:.1f}M parameters ({', '.join(dtypes)}), {state}"

@@ -1,0 +1,49 @@
+"""Every command ends a user's mistake with one line naming it and exit code 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run(*argv: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.fixture()
+def broken_manifest(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"id": "a", "audio": "a.wav", "text": "hi"}\n{"id": "b", "audio": \n')
+    return path
+
+
+def test_each_command_reports_a_user_error_in_one_line(broken_manifest, tmp_path):
+    cases = [
+        (
+            ["-m", "data_prep.make_shards", "--manifest", str(broken_manifest)]
+            + ["--out", str(tmp_path / "shards"), "--split", "train"],
+            f"{broken_manifest}:2",
+        ),
+        (
+            ["-m", "sparqle.export", "--ckpt", str(tmp_path / "no.ckpt"), "--out", str(tmp_path)],
+            "no.ckpt",
+        ),
+        (["-m", "sparqle.transcribe", "--ckpt", str(tmp_path / "no.ckpt"), "x.wav"], "no.ckpt"),
+        ([str(ROOT / "eval.py"), f"ckpt={tmp_path / 'no.ckpt'}"], "ckpt="),
+    ]
+    for argv, named in cases:
+        proc = run(*argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert lines[-1].startswith("error: ") and named in lines[-1], lines

@@ -1,0 +1,73 @@
+"""The composed config is checked before anything is built: one line naming the key, exit 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sparqle.cli import report_user_errors
+from sparqle.config import TRAIN_FILES, ConfigError, validate_config
+from tests.conftest import ROOT
+
+BAD = [
+    ("adapter.num_queries=-3", "adapter.num_queries=-3: expected an integer >= 1"),
+    ("trainer.max_steps=abc", "trainer.max_steps='abc': expected an integer >= -1"),
+    ("stage.name=finetune", "stage.name='finetune': expected one of pretrain, instruct"),
+    ("stage.optim.lr=0", "stage.optim.lr=0: expected a number > 0"),
+    ("stage.optim.schedule=step", "stage.optim.schedule='step': expected one of constant"),
+    ("data.batch_size=0", "data.batch_size=0: expected an integer >= 1"),
+    ("data.min_seconds=40", "data.min_seconds=40: must be below data.max_seconds=30.0"),
+    ("trainer.devices=0", "trainer.devices=0: expected an integer >= 1, a list"),
+    ("trainer.precision=bf32", "trainer.precision='bf32': expected one of 32-true"),
+    ("llm.dtype=int4", "llm.dtype='int4': expected one of float32, bfloat16, float16"),
+    ("stage.init_from=/no/such.ckpt", "stage.init_from='/no/such.ckpt': expected an existing file"),
+    ("trainer=fsdp trainer.devices=1", "trainer.devices=1: trainer=fsdp shards over 2 or more"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: expected a number >= 0"),
+]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_value_is_one_line_naming_its_key(overrides, message, capsys):
+    cfg = composed("data.train_manifest=null", "data.val_manifest=null", *overrides.split())
+    with pytest.raises(SystemExit) as stop:
+        report_user_errors(validate_config, cfg, TRAIN_FILES)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+
+
+def test_the_shipped_presets_pass():
+    for experiment in ("tiny", "demo", "demo_smollm2", "sparqle_paper"):
+        for stage in ("pretrain", "instruct"):
+            cfg = composed(f"experiment={experiment}", f"stage={stage}")
+            validate_config(cfg)  # no ConfigError; manifests are a training run's to check
+
+
+def test_a_missing_manifest_is_named():
+    cfg = composed("data.train_manifest=null", "data.val_manifest=/nowhere/val.jsonl")
+    with pytest.raises(ConfigError, match=r"data.val_manifest='/nowhere/val.jsonl': expected"):
+        validate_config(cfg, TRAIN_FILES)
+
+
+def test_train_py_stops_before_loading_anything():
+    """As a user meets it: exit code 2, one line, no traceback, no model loaded."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=tiny", "adapter.num_queries=-3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: adapter.num_queries=-3: expected an integer >= 1"
+    ]
+    assert "Traceback" not in proc.stdout + proc.stderr
