@@ -85,6 +85,10 @@ def evaluate(cfg: DictConfig) -> dict:
             generation.pop("max_new_tokens")
         generation = check_generation(generation)
         log.info("%s: decoding with %s", name, generation)
+        pieces = None
+        if cfg.vad:
+            pieces = cfg.max_piece_seconds or (module.clip_seconds or (0.0, 30.0))[1]
+            log.info("%s: VAD on, clips cut at pauses into pieces of <= %.1f s", name, pieces)
         entry = {
             "checkpoint": str(ckpt),
             "checkpoint_sha256": fingerprint(ckpt),
@@ -100,6 +104,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 generation,
                 cap,
                 cfg.precision,
+                max_piece_seconds=pieces,
             )
             mine = trainer.predict(runner)
             rows, skipped = merge_rank_rows(gather_objects(mine))

@@ -222,6 +222,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "ckpt": (_checkpoints, "an existing checkpoint file or exported directory, or a list of them"),
     "ckpt_path": _file_or(None, "last"),
     "batch_size": _int(1),
+    "vad": _one_of(True, False),
+    "max_piece_seconds": _number(0, above=True, null=True),
 }
 # the manifests training reads (evaluation reads only the test one, else the validation one)
 TRAIN_FILES: dict[str, tuple[Check, str]] = {

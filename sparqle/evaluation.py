@@ -35,6 +35,7 @@ class Row:
     errors: int | None = None  # word edits, ASR only
     looping: bool = False
     refusal: bool = False
+    no_speech: bool = False  # the VAD found none: scored with an empty hypothesis
 
 
 def task_key(spec: str) -> str:
@@ -102,6 +103,20 @@ def length_cap(seconds: float, base: int = 16, per_second: float = 8) -> int:
     return int(math.ceil(base + per_second * seconds))
 
 
+def plan_pieces(
+    audio: torch.Tensor, audio_lens: torch.Tensor, sample_rate: int, max_seconds: float | None
+) -> list[list[tuple[int, int]]]:
+    """Per clip, the spans given to the model: the whole clip, or (with the VAD, `max_seconds`
+    set) nothing for a clip without speech and pieces cut at pauses for one longer than that."""
+    lens = audio_lens.tolist()
+    if max_seconds is None:
+        return [[(0, n)] for n in lens]
+    from sparqle.data.vad import speech_pieces
+
+    host = audio.float().cpu().numpy()
+    return [speech_pieces(host[i, :n], sample_rate, max_seconds) for i, n in enumerate(lens)]
+
+
 @torch.no_grad()
 def generate_rows(
     module,
@@ -110,11 +125,14 @@ def generate_rows(
     generation: dict[str, Any],
     progress: Progress | None = None,
     cap: dict[str, float] | None = None,
+    max_piece_seconds: float | None = None,
 ) -> tuple[list[Row], int]:
     """Hypotheses for every utterance of `batches` (a whole batch per generate call).
 
     `generation` goes whole to `generate` (checked: unknown keys are an error); without
-    max_new_tokens in it, each batch is capped by `length_cap` of its longest clip."""
+    max_new_tokens in it, each batch is capped by `length_cap` of its longest piece.
+    `max_piece_seconds` turns the VAD on (`plan_pieces`): long clips are decoded piece by
+    piece and the text joined; a clip with no speech gets an empty hypothesis, flagged."""
     key = task_key(spec)
     _, lang = parse_task(spec)
     gen = check_generation(generation)
@@ -127,14 +145,26 @@ def generate_rows(
         if not batch["id"]:
             continue
         seconds = (batch["audio_lens"].float() / sr).tolist()
-        hyps = module.model.generate(
-            batch["audio"].to(module.device),
-            batch["audio_lens"].to(module.device),
-            batch["instruction"],
-            max_new_tokens=fixed or length_cap(max(seconds), **(cap or {})),
-            **gen,
-        )
-        for i, hyp in enumerate(hyps):
+        plans = plan_pieces(batch["audio"], batch["audio_lens"], sr, max_piece_seconds)
+        owner = [i for i, plan in enumerate(plans) for _ in plan]
+        texts: list[list[str]] = [[] for _ in plans]
+        if owner:
+            spans = [span for plan in plans for span in plan]
+            lens = torch.tensor([b - a for a, b in spans])
+            audio = batch["audio"].new_zeros(len(spans), int(lens.max()))
+            for j, (i, (a, b)) in enumerate(zip(owner, spans, strict=True)):
+                audio[j, : b - a] = batch["audio"][i, a:b]
+            hyps = module.model.generate(
+                audio.to(module.device),
+                lens.to(module.device),
+                [batch["instruction"][i] for i in owner],
+                max_new_tokens=fixed or length_cap(float(lens.max()) / sr, **(cap or {})),
+                **gen,
+            )
+            for i, hyp in zip(owner, hyps, strict=True):
+                texts[i].append(hyp.strip())
+        for i, plan in enumerate(plans):
+            hyp = " ".join(t for t in texts[i] if t)
             row = Row(
                 id=batch["id"][i],
                 task=key,
@@ -144,12 +174,13 @@ def generate_rows(
                 seconds=round(seconds[i], 3),
                 looping=metrics.is_looping(hyp),
                 refusal=metrics.is_refusal(hyp),
+                no_speech=not plan,
             )
             if key == "asr":
                 row.errors = metrics.utterance_errors(row.reference, hyp, row.lang)
             rows.append(row)
         if progress:
-            progress.advance(bar, len(hyps))
+            progress.advance(bar, len(plans))
     return rows, skipped
 
 
@@ -165,10 +196,12 @@ class BatchGenerator(L.LightningModule):
         generation: dict[str, Any],
         cap: dict[str, float] | None = None,
         precision: str = "auto",
+        max_piece_seconds: float | None = None,
     ) -> None:
         super().__init__()
         self.module, self.loader = module, loader
         self.spec, self.generation, self.cap, self.precision = spec, generation, cap, precision
+        self.max_piece_seconds = max_piece_seconds
         # every rank loads the same files: nothing to broadcast from rank 0 before predicting
         from torch.nn.parallel import DistributedDataParallel
 
@@ -181,7 +214,14 @@ class BatchGenerator(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[Row], int]:
         with inference_autocast(self.device, self.precision):
-            return generate_rows(self.module, [batch], self.spec, self.generation, cap=self.cap)
+            return generate_rows(
+                self.module,
+                [batch],
+                self.spec,
+                self.generation,
+                cap=self.cap,
+                max_piece_seconds=self.max_piece_seconds,
+            )
 
 
 def merge_rank_rows(per_rank: list[list[tuple[list[Row], int]]]) -> tuple[list[Row], int]:
@@ -203,6 +243,7 @@ def score(rows: list[Row], key: str, skipped: int, train_tasks: list[str] | None
         "skipped": skipped,
         "looping": sum(r.looping for r in rows),
         "refusals": sum(r.refusal for r in rows),
+        "no_speech": sum(r.no_speech for r in rows),
     }
     if not rows:
         return out
@@ -277,9 +318,13 @@ def markdown(report: dict[str, Any]) -> str:
     for s in sorted(x for x in sigs if x):
         out.append(f"BLEU signature: `{s}`  ")
     for name, m in models.items():
-        degenerate = {t: (v["looping"], v["refusals"], v["skipped"]) for t, v in m["tasks"].items()}
+        degenerate = {
+            t: (v["looping"], v["refusals"], v.get("no_speech", 0), v["skipped"])
+            for t, v in m["tasks"].items()
+        }
         out.append(
-            f"`{name}` ({m['checkpoint_sha256']}): looping / refusals / skipped per task: {degenerate}  "
+            f"`{name}` ({m['checkpoint_sha256']}): looping / refusals / no speech / skipped per "
+            f"task: {degenerate}  "
         )
     return "\n".join(out) + "\n"
 

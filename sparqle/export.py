@@ -20,6 +20,7 @@ from sparqle.cli import reports_user_errors
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "config.yaml"
+CLIP_SECONDS = "trained_clip_seconds"
 
 
 def export(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
@@ -39,7 +40,10 @@ def export(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> 
     save_file(
         {k: v.contiguous() for k, v in state.items()}, out / WEIGHTS, metadata={"format": "pt"}
     )
-    (out / CONFIG).write_text(yaml.safe_dump(ckpt["hyper_parameters"], sort_keys=False))
+    config = dict(ckpt["hyper_parameters"])
+    if ckpt.get("sparqle_clip_seconds"):  # the clip lengths it trained on, for inference
+        config[CLIP_SECONDS] = list(ckpt["sparqle_clip_seconds"])
+    (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return {
         "tensors": len(state),
         "bytes": sum(v.numel() * v.element_size() for v in state.values()),
@@ -55,6 +59,7 @@ def load_exported(path: str | Path, **overrides: Any):
         raise FileNotFoundError(f"{path}: no {WEIGHTS} (not a SparQLe export)")
     config = yaml.safe_load((path / CONFIG).read_text())
     config.update(overrides)
+    clip_seconds = config.pop(CLIP_SECONDS, None)
     config["stage"] = {
         **config["stage"],
         "init_from": None,
@@ -71,6 +76,7 @@ def load_exported(path: str | Path, **overrides: Any):
             f"{len(missing)} missing tensors; first: {first})"
         )
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    module.clip_seconds = tuple(clip_seconds) if clip_seconds else None
     return module
 
 

@@ -108,6 +108,8 @@ class SparQLeModule(L.LightningModule):
         self.skips = StepSkips()
         self._rng_to_restore: dict[str, Any] | None = None
         self._last_batch: dict[str, Any] | None = None
+        # (shortest, longest) training clip in seconds: inference cuts long audio to this
+        self.clip_seconds: tuple[float, float] | None = None
         self.strict_loading = (
             False  # checkpoints hold trainable weights only; see on_load_checkpoint
         )
@@ -208,6 +210,9 @@ class SparQLeModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["sparqle_trainable"] = self.trainable_names()
         checkpoint["rng"] = gather_objects(_rng_state())  # one entry per rank
+        seen = [r for r in gather_objects(self.clip_seconds) if r is not None]
+        if seen:
+            checkpoint["sparqle_clip_seconds"] = [min(r[0] for r in seen), max(r[1] for r in seen)]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng = checkpoint.get("rng")
@@ -215,6 +220,8 @@ class SparQLeModule(L.LightningModule):
         if isinstance(rng, list):  # one state per rank; another world size replays rank 0's
             rng = rng[rank] if len(rng) == size else rng[0]
         self._rng_to_restore = rng
+        if checkpoint.get("sparqle_clip_seconds"):
+            self.clip_seconds = tuple(checkpoint["sparqle_clip_seconds"])
         state = checkpoint["state_dict"]
         own = self.state_dict()
         unexpected = [k for k in state if k not in own]
@@ -296,6 +303,14 @@ class SparQLeModule(L.LightningModule):
                 )
 
     # ----------------------------------------------------------------- batches
+    def _note_clip_seconds(self, audio_lens: torch.Tensor) -> None:
+        """Host-side lengths (before the copy), so this reads nothing back from a device."""
+        sr = self.model.encoder.sample_rate
+        lo, hi = float(audio_lens.min()) / sr, float(audio_lens.max()) / sr
+        if self.clip_seconds is not None:
+            lo, hi = min(lo, self.clip_seconds[0]), max(hi, self.clip_seconds[1])
+        self.clip_seconds = (round(lo, 3), round(hi, 3))
+
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int = 0):
         """On the host, before the copy to the device: count the work, and give a rank whose
         batch is empty (every clip skipped) a stand-in, so it still runs the step's collectives."""
@@ -304,6 +319,8 @@ class SparQLeModule(L.LightningModule):
                 k: v for k, v in batch.items() if k not in ("skipped", "num_skipped")
             }
             batch["standin"] = False
+            if self._trainer is not None and self.trainer.training:
+                self._note_clip_seconds(batch["audio_lens"])
         else:
             batch = {**batch, **(self._last_batch or self._silence()), "standin": True}
         batch["stats"] = {

@@ -2,8 +2,9 @@
 
     python -m sparqle.transcribe --ckpt PATH [--task translate --lang German] FILE...
 
-Any sample rate, mono or stereo, WAV/FLAC/OGG/MP3. Audio longer than --max-seconds is cut at
-pauses and the pieces' text joined. A file that cannot be used gets one error line and the
+Any sample rate, mono or stereo, WAV/FLAC/OGG/MP3. Audio longer than the clips the model trained
+on is cut at its pauses (Silero VAD) into pieces of that length and the pieces' text joined; a
+file with no speech gets an empty line. A file that cannot be used gets one error line and the
 rest go on; the exit status is 0 only if every file succeeded.
 """
 
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 
 from sparqle.cli import reports_user_errors, say_progress
-from sparqle.data.audio import AudioError, load_audio, split_points
+from sparqle.data.audio import AudioError, load_audio
 from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction
+from sparqle.data.vad import speech_pieces
 
 
 @reports_user_errors
@@ -29,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         "--lang", default=None, help="target language for --task translate (German, de, ...)"
     )
     p.add_argument(
-        "--max-seconds", type=float, default=30.0, help="longest piece given to the model"
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="longest piece given to the model (default: the longest clip it trained on, else 30)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sr = module.model.encoder.sample_rate
+    max_seconds = args.max_seconds or (module.clip_seconds or (0.0, 30.0))[1]
 
     pieces: list[tuple[int, int, torch.Tensor]] = []  # (file index, piece index, audio)
     ok = [False] * len(args.files)
@@ -73,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             continue
         ok[i] = True
-        spans = split_points(audio, sr, args.max_seconds)
+        spans = speech_pieces(audio, sr, max_seconds)
+        if not spans:
+            print(f"note: {name}: no speech found", file=sys.stderr)
         pieces += [(i, k, torch.from_numpy(audio[a:b])) for k, (a, b) in enumerate(spans)]
 
     pieces.sort(key=lambda x: len(x[2]))  # similar lengths batch together

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from sparqle.evaluation import (
     inference_bf16,
     length_cap,
     load_model,
+    score,
 )
 from sparqle.models.llm import check_generation
 from tests.conftest import ROOT
@@ -93,6 +95,52 @@ def test_generate_rows_passes_every_setting_to_generate(monkeypatch):
     assert seen["max_new_tokens"] == 7
     with pytest.raises(ValueError, match="generation.beam_size"):
         generate_rows(module, [batch], "asr", {"beam_size": 3})
+
+
+def test_no_speech_is_flagged_and_long_clips_are_decoded_in_pieces(synth_data):
+    """With the VAD on: silence gets an empty, flagged hypothesis (nothing invented), a clip
+    longer than the trained length goes to the model as pieces cut at its pauses, joined."""
+    from sparqle.data.audio import load_audio
+
+    given = []
+
+    class Model:
+        class encoder:  # noqa: N801
+            sample_rate = 16000
+
+        def generate(self, audio, lens, instructions, **kwargs):
+            given.extend(lens.tolist())
+            return [f"w{n}" for n in lens.tolist()]
+
+    module = type("M", (), {"model": Model(), "device": torch.device("cpu")})()
+    speech = [load_audio(p, 16000) for p in sorted((synth_data / "audio").glob("*.flac"))[:4]]
+    pause = np.zeros(8000, np.float32)
+    long = np.concatenate([x for c in speech for x in (c, pause)])
+    clips = [speech[0], np.zeros(32000, np.float32), long]
+    lens = torch.tensor([len(c) for c in clips])
+    audio = torch.zeros(3, int(lens.max()))
+    for i, c in enumerate(clips):
+        audio[i, : len(c)] = torch.from_numpy(c)
+    batch = {
+        "id": ["speech", "silence", "long"],
+        "audio": audio,
+        "audio_lens": lens,
+        "instruction": ["Transcribe."] * 3,
+        "target": ["a b", "a b", "a b"],
+        "lang": ["en"] * 3,
+        "num_skipped": 0,
+    }
+    limit = max(len(c) for c in speech) / 16000 + 0.3
+    rows, _ = generate_rows(module, [batch], "asr", {}, max_piece_seconds=limit)
+    assert [r.no_speech for r in rows] == [False, True, False]
+    assert rows[0].hypothesis == f"w{len(speech[0])}"  # a short clip goes whole
+    assert rows[1].hypothesis == ""
+    assert len(given) >= 1 + len(speech) and max(given) <= limit * 16000
+    assert len(rows[2].hypothesis.split()) == len(given) - 1  # every piece's text, joined
+    assert score(rows, "asr", 0, ["transcribe"])["no_speech"] == 1
+    given.clear()  # VAD off: every clip whole, as before
+    rows, _ = generate_rows(module, [batch], "asr", {})
+    assert given == lens.tolist() and not any(r.no_speech for r in rows)
 
 
 @pytest.mark.slow

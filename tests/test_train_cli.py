@@ -42,6 +42,12 @@ def test_tiny_run_finishes_and_writes_a_checkpoint(tiny_dir, synth_data, tmp_pat
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
     assert ckpt["hyper_parameters"]["stage"]["name"] == stage
+    # the clip lengths it trained on (inference cuts long audio to them)
+    from sparqle.data.manifest import read_manifest
+
+    durations = [u.duration for u in read_manifest(synth_data / "train.jsonl")]
+    lo, hi = ckpt["sparqle_clip_seconds"]
+    assert min(durations) - 0.01 <= lo <= hi <= max(durations) + 0.01
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss" in metrics
 

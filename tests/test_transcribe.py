@@ -29,11 +29,13 @@ def test_transcribe_cli_handles_formats_and_bad_files(trained, synth_data, tmp_p
     sf.write(tmp_path / "clip.ogg", clip, 16000, format="OGG")
     long = np.concatenate([clip, np.zeros(8000, np.float32)] * 8)  # ~25 s with pauses
     sf.write(tmp_path / "long.flac", long, 16000)
+    sf.write(tmp_path / "silence.wav", np.zeros(48000, np.float32), 16000)
     (tmp_path / "notes.txt").write_text("not audio")
     buf = io.BytesIO()
     sf.write(buf, np.zeros(0, np.float32), 16000, format="WAV")
     (tmp_path / "empty.wav").write_bytes(buf.getvalue())
     files = ["stereo44k.wav", "missing.flac", "clip.ogg", "notes.txt", "empty.wav", "long.flac"]
+    files.append("silence.wav")
     proc = subprocess.run(
         [
             sys.executable,
@@ -54,14 +56,18 @@ def test_transcribe_cli_handles_formats_and_bad_files(trained, synth_data, tmp_p
     )
     assert proc.returncode == 1  # some files failed
     printed = [line.split("\t")[0] for line in proc.stdout.splitlines()]
-    assert printed == [str(tmp_path / f) for f in ("stereo44k.wav", "clip.ogg", "long.flac")]
+    assert printed == [
+        str(tmp_path / f) for f in ("stereo44k.wav", "clip.ogg", "long.flac", "silence.wav")
+    ]
+    assert proc.stdout.splitlines()[-1] == f"{tmp_path / 'silence.wav'}\t"  # nothing invented
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3
     assert any("missing.flac: no such file" in e for e in errors)
     assert any("notes.txt" in e and "cannot decode" in e for e in errors)
     assert any("empty.wav" in e and "empty audio" in e for e in errors)
     # quiet loading: one line per part, none of transformers' progress bars or key tables
-    said = [line for line in proc.stderr.splitlines() if not line.startswith("error:")]
+    assert f"note: {tmp_path / 'silence.wav'}: no speech found" in proc.stderr.splitlines()
+    said = [line for line in proc.stderr.splitlines() if not line.startswith(("error:", "note:"))]
     assert [line.split(":")[0] for line in said] == ["encoder", "adapter", "llm"], said
     assert all("M parameters (" in line for line in said), said
 
