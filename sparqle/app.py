@@ -13,20 +13,26 @@ import numpy as np
 import torch
 
 from sparqle.cli import reports_user_errors
-from sparqle.data.audio import resample, split_points, to_mono_float
+from sparqle.data.audio import resample, to_mono_float
 from sparqle.data.prompts import LANGUAGE_NAMES, TRANSCRIBE, TRANSLATE, instruction
+from sparqle.data.vad import speech_pieces
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 TASKS = {"Transcribe": TRANSCRIBE, "Translate": TRANSLATE}
 
 
+NO_SPEECH = "(no speech found)"
+
+
 def make_handler(
-    module, max_seconds: float = 30.0
+    module, max_seconds: float | None = None
 ) -> Callable[[tuple[int, np.ndarray] | None, str, str], str]:
-    """(sample rate, samples) from the audio widget, task, language -> text."""
+    """(sample rate, samples) from the audio widget, task, language -> text. Long audio is cut
+    at pauses into pieces of `max_seconds` (default: the longest clip the model trained on)."""
     from sparqle.evaluation import length_cap
 
     sr = module.model.encoder.sample_rate
+    max_seconds = max_seconds or (module.clip_seconds or (0.0, 30.0))[1]
 
     def handle(
         audio: tuple[int, np.ndarray] | None, task: str = "Transcribe", language: str = "German"
@@ -38,7 +44,9 @@ def make_handler(
         if x.size == 0 or not np.isfinite(x).all():
             return "The clip is empty or unreadable."
         prompt = instruction(TASKS[task], language if TASKS[task] == TRANSLATE else None)
-        spans = split_points(x, sr, max_seconds)
+        spans = speech_pieces(x, sr, max_seconds)
+        if not spans:
+            return NO_SPEECH
         pieces = [torch.from_numpy(x[a:b].copy()) for a, b in spans]
         lens = torch.tensor([len(p) for p in pieces])
         batch = torch.zeros(len(pieces), int(lens.max()))

@@ -16,7 +16,7 @@ def module(trained):
 
 
 def test_handler_transcribes_and_translates(module, synth_data):
-    from sparqle.app import make_handler
+    from sparqle.app import NO_SPEECH, make_handler
 
     handle = make_handler(module, max_seconds=2.0)
     clip = load_audio(next(iter(sorted((synth_data / "audio").glob("*.flac")))), 16000)
@@ -26,6 +26,7 @@ def test_handler_transcribes_and_translates(module, synth_data):
         assert isinstance(text, str)
     assert handle(None, "Transcribe", "German").startswith("No audio")
     assert "empty" in handle((16000, np.zeros(0, np.int16)), "Transcribe", "German")
+    assert handle((16000, np.zeros(32000, np.int16)), "Transcribe", "German") == NO_SPEECH
 
 
 def test_app_serves_on_localhost(module, synth_data, tmp_path):
