@@ -86,7 +86,7 @@ demo: setup
 	  --val-fraction $$(awk 'BEGIN{print $(DEMO_VAL_CLIPS) / $(DEMO_CLIPS)}') --voices $(DEMO_TRAIN_VOICES) --heldout-voices $(DEMO_HELDOUT_VOICES)
 	@step="2 shard"; $(TIMED) for s in train val; do \
 	  $(PY) -m data_prep.make_shards --manifest $(DEMO_DIR)/$$s.jsonl --out $(DEMO_DIR)/shards --split $$s --shard-size-mb 2 || exit 1; done
-	@step="3 text-only LLM"; $(TIMED) $(PY) -m data_prep.text_llm --out .cache/demo-text-llm --steps 300 \
+	@step="3 text-only LLM"; $(TIMED) $(PY) -m demo.text_llm --out .cache/demo-text-llm --steps 300 \
 	  --exclude $(DEMO_DIR)/val.jsonl
 	@step="4 stage 1 (Q-Former: ITC+ITM+ITG)"; $(TIMED) $(PY) train.py experiment=demo stage=pretrain $(DEMO_OVERRIDES) \
 	  trainer.max_steps=$(DEMO_STAGE1_STEPS) trainer.val_check_interval=50 hydra.run.dir=$(DEMO_LOGS)/pretrain
@@ -98,7 +98,7 @@ demo: setup
 	  'tasks=[asr,translate_de,translate_fr]' out=$(DEMO_LOGS)/report hydra.run.dir=$(DEMO_LOGS)/eval \
 	  > $(DEMO_LOGS)/eval.log
 	@cat $(DEMO_LOGS)/report/report.md
-	@$(PY) -m data_prep.demo_summary $(DEMO_LOGS)
+	@$(PY) -m demo.summary $(DEMO_LOGS)
 
 # The demo's stage 2 and evaluation with a real instruction-tuned LLM, SmolLM2-135M-Instruct
 # (conf/experiment/demo_smollm2.yaml). Stage 1 has no LLM in it, so it comes from `make demo`.
@@ -117,4 +117,4 @@ demo-smollm2: setup
 	  data.val.urls=$(DEMO_DIR)/shards/val.json 'tasks=[asr,translate_de,translate_fr]' \
 	  out=$(DEMO_SMOLLM2_LOGS)/report hydra.run.dir=$(DEMO_SMOLLM2_LOGS)/eval > $(DEMO_SMOLLM2_LOGS)/eval.log
 	@cat $(DEMO_SMOLLM2_LOGS)/report/report.md
-	@$(PY) -m data_prep.demo_summary $(DEMO_SMOLLM2_LOGS)
+	@$(PY) -m demo.summary $(DEMO_SMOLLM2_LOGS)

@@ -29,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sparqle import metrics  # noqa: E402
 from sparqle.data.audio import load_audio  # noqa: E402
 from sparqle.data.manifest import read_manifest  # noqa: E402
-from sparqle.data.prompts import TRANSCRIBE, instruction  # noqa: E402
 from sparqle.evaluation import generate_rows, load_model  # noqa: E402
+from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 
 
 def batch_of(ids: list[str], clips: list[np.ndarray], texts: list[str]) -> dict:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_step import build_module  # noqa: E402
 
-from sparqle.data.prompts import TRANSCRIBE, instruction  # noqa: E402
 from sparqle.memory_plan import GiB, StepShape, dtype_bytes, plan  # noqa: E402
+from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 
 ROWS = (
     "frozen weights",

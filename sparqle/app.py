@@ -14,8 +14,8 @@ import torch
 
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import resample, to_mono_float
-from sparqle.data.prompts import LANGUAGE_NAMES, TRANSCRIBE, TRANSLATE, instruction
 from sparqle.data.vad import speech_pieces
+from sparqle.prompts import LANGUAGE_NAMES, TRANSCRIBE, TRANSLATE, instruction
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 TASKS = {"Transcribe": TRANSCRIBE, "Translate": TRANSLATE}

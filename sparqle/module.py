@@ -27,13 +27,13 @@ from hydra.utils import instantiate
 from transformers import AutoConfig
 
 from sparqle import flops, metrics
-from sparqle.data.prompts import TRANSCRIBE, instruction
 from sparqle.distributed import all_reduce_max, all_reduce_sum, gather_objects, world
 from sparqle.models.adapters import QFormerAdapter
 from sparqle.models.llm import check_generation
 from sparqle.models.loading import describe, quiet_loading
 from sparqle.models.pretrain import SpeechTextPretrainer
 from sparqle.models.sparqle import SparQLe
+from sparqle.prompts import TRANSCRIBE, instruction
 from sparqle.schedule import build_scheduler
 from sparqle.strategies import FSDP2Strategy
 
@@ -243,6 +243,13 @@ class SparQLeModule(L.LightningModule):
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng:
             _set_rng_state(rng)
+
+    def on_train_epoch_start(self) -> None:
+        """Before the epoch's loader starts its workers: streamed data reads another shard order
+        each epoch (a DataModule with `set_epoch`; samplers get theirs from Lightning)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -18,8 +18,8 @@ import torch
 
 from sparqle.cli import reports_user_errors, say_progress
 from sparqle.data.audio import AudioError, load_audio
-from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction
 from sparqle.data.vad import speech_pieces
+from sparqle.prompts import TRANSCRIBE, TRANSLATE, instruction
 
 
 @reports_user_errors

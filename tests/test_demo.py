@@ -52,7 +52,7 @@ def test_short_demo_learns_to_transcribe(tmp_path):
         "--split",
         "train",
     )
-    _run("-m", "data_prep.text_llm", "--out", str(cache / "demo-text-llm"), "--steps", "150")
+    _run("-m", "demo.text_llm", "--out", str(cache / "demo-text-llm"), "--steps", "150")
     common = [
         "experiment=demo",
         f"paths.cache_dir={cache}",

@@ -113,7 +113,7 @@ def test_paper_preset_shows_the_reference_values():
     """`train.py experiment=sparqle_paper --cfg job` prints the authors' train.sh/generation.py values."""
     import yaml
 
-    from sparqle.data.prompts import PAPER_SYSTEM_PROMPT
+    from sparqle.prompts import PAPER_SYSTEM_PROMPT
 
     for stage in ("pretrain", "instruct"):
         proc = run_train("experiment=sparqle_paper", f"stage={stage}", "--cfg", "job", timeout=60)

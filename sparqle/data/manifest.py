@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sparqle.data.prompts import TRANSLATE, parse_task
+from sparqle.prompts import TRANSLATE, parse_task
 
 
 class ManifestError(ValueError):

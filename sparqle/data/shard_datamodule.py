@@ -18,6 +18,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -170,6 +171,20 @@ def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
     return batch
 
 
+class _Epoch:
+    """The epoch number, copied into the loader's workers with the pipeline when an epoch's
+    iteration starts them (a worker's own counters restart with every fresh worker)."""
+
+    value = 0
+
+
+def _shard_order(shards: Iterable[dict], seed: int, epoch: _Epoch) -> Iterator[dict]:
+    """Every shard once, in an order fixed by (seed, epoch): another order each epoch."""
+    shards = list(shards)
+    random.Random(f"{seed}:{epoch.value}").shuffle(shards)
+    yield from shards
+
+
 class ShardDataModule(L.LightningDataModule):
     """Sources are named: {name: {urls, weight, tasks}}; `urls` is an index .json, a brace
     pattern or pipe: URLs; a source without `tasks` trains on `data.tasks`. `resampled: true` draws shards with replacement (infinite streams,
@@ -219,9 +234,15 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.resampled = resampled
         self.seed = seed
+        self._epoch = _Epoch()
         for name, src in self.train_sources.items():
             if "urls" not in src:
                 raise ValueError(f"data.train.{name}.urls is not set")
+
+    def set_epoch(self, epoch: int) -> None:
+        """The shard order (and resampled draws) of each epoch differ, and are the same on a
+        rerun; SparQLeModule calls this at every training epoch's start."""
+        self._epoch.value = epoch
 
     def _rank_world(self) -> tuple[int, int]:
         """Taken in the main process and passed into the pipeline: a worker started by spawn or
@@ -252,20 +273,21 @@ class ShardDataModule(L.LightningDataModule):
     ) -> wds.DataPipeline:
         urls = expand_urls(src["urls"])
         tasks = TaskSampler(dict(src.get("tasks") or self.tasks))
+        epoch = self._epoch  # read when the loader starts its workers, i.e. once an epoch
         if resampled:
             rank, _ = self._rank_world()
             stages: list[Any] = [
                 wds.ResampledShards(
                     urls,
                     seed=self.seed,
-                    worker_seed=lambda: rank * 1000 + _worker_index(),
+                    worker_seed=lambda: (epoch.value * 1000 + rank) * 1000 + _worker_index(),
                     deterministic=True,
                 )
             ]
         else:
             stages = [wds.SimpleShardList(urls)]
             if train:
-                stages.append(wds.detshuffle(bufsize=len(urls), seed=self.seed))
+                stages.append(partial(_shard_order, seed=self.seed, epoch=epoch))
             stages.append(wds.split_by_worker)
         stages.append(wds.tarfile_to_samples(handler=counter.shard_error))
         if train:

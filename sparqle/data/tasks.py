@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sparqle.data.manifest import Utterance
-from sparqle.data.prompts import TRANSCRIBE, TRANSLATE, instruction, parse_task
+from sparqle.prompts import TRANSCRIBE, TRANSLATE, instruction, parse_task
 
 
 @dataclass

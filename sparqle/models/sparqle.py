@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparqle.data.prompts import (
+from sparqle.models.encoder import EncoderOutput, SpeechEncoder
+from sparqle.models.llm import LLM, LLMInputs
+from sparqle.models.pretrain import SpeechTextPretrainer
+from sparqle.prompts import (
     INSTRUCTIONS,
     LANGUAGE_NAMES,
     TRANSCRIBE,
     TRANSLATE,
     language_name,
 )
-from sparqle.models.encoder import EncoderOutput, SpeechEncoder
-from sparqle.models.llm import LLM, LLMInputs
-from sparqle.models.pretrain import SpeechTextPretrainer
 
 
 class SparQLe(nn.Module):

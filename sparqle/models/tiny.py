@@ -35,7 +35,7 @@ from transformers import (
     WhisperModel,
 )
 
-from sparqle.data.prompts import INSTRUCTIONS, LANGUAGE_NAMES
+from sparqle.prompts import INSTRUCTIONS, LANGUAGE_NAMES
 
 KINDS = ("encoder", "whisper", "bert", "llm")
 _VERSION = "2"  # bump when a tiny architecture or its vocabulary changes, so caches rebuild

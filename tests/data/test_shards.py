@@ -143,6 +143,43 @@ def test_resampled_mode_runs_the_indexed_epoch(shards):
     assert all(b["audio"].shape[0] * b["audio"].shape[1] <= 10.0 * 16000 for b in batches)
 
 
+@pytest.mark.parametrize("resampled", [False, True])
+def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resampled):
+    def first_ids(epoch, workers):
+        dm = ShardDataModule(
+            train={"main": {"urls": str(shards / "train.json")}},
+            num_workers=workers,
+            resampled=resampled,
+            shuffle_buffer=1,  # so the order seen is the shards' order
+            pool_size=1,
+            batch_size=1,
+            seed=5,
+        )
+        dm.set_epoch(epoch)
+        return _ids(dm.train_dataloader())
+
+    assert first_ids(0, 0) != first_ids(1, 0)
+    assert first_ids(1, 0) == first_ids(1, 0)
+    # as Lightning runs it: one loader for the whole fit, its workers started again each epoch
+    dm = ShardDataModule(
+        train={"main": {"urls": str(shards / "train.json")}},
+        num_workers=2,
+        resampled=resampled,
+        shuffle_buffer=1,
+        pool_size=1,
+        batch_size=1,
+        seed=5,
+    )
+    loader = dm.train_dataloader()
+    epochs = []
+    for epoch in range(2):
+        dm.set_epoch(epoch)
+        epochs.append(_ids(loader))
+    assert epochs[0] != epochs[1] and epochs[1] == first_ids(1, 2)
+    if not resampled:
+        assert sorted(epochs[0]) == sorted(epochs[1])  # every clip, once an epoch
+
+
 def test_sources_mix_by_weight_and_tasks(shards):
     dm = ShardDataModule(
         train={

@@ -3,8 +3,8 @@ import random
 import pytest
 
 from sparqle.data.manifest import Utterance
-from sparqle.data.prompts import INSTRUCTIONS, instruction
 from sparqle.data.tasks import TaskSampler, parse_task
+from sparqle.prompts import INSTRUCTIONS, instruction
 
 
 def test_parse_task():
@@ -43,7 +43,7 @@ def test_the_reference_instructions_and_system_prompt():
     """djanibekov/rebooting-llm finetune_sparqle_instruct.py: 7 + 4 instructions, its system prompt."""
     from omegaconf import OmegaConf
 
-    from sparqle.data.prompts import PAPER_SYSTEM_PROMPT
+    from sparqle.prompts import PAPER_SYSTEM_PROMPT
     from tests.conftest import ROOT
 
     assert len(INSTRUCTIONS["transcribe"]) == 7 and len(INSTRUCTIONS["translate"]) == 4

@@ -125,7 +125,7 @@ def test_host_layout_and_index_splicing_match_the_mask(llm):
 def test_token_overhead_is_the_longest_prompt_plus_the_queries(tiny_dir, synth_data):
     """The bucketing token budget's per-utterance overhead equals the longest prompt a training
     batch really builds (template, instruction, the Q-Former's speech positions)."""
-    from sparqle.data.prompts import INSTRUCTIONS
+    from sparqle.prompts import INSTRUCTIONS
     from tests.test_module import make_module
 
     module = make_module(tiny_dir, synth_data, "stage=instruct")

@@ -1,6 +1,6 @@
 """The end of `make demo`: stage-1 retrieval, step timings, and where everything is.
 
-python -m data_prep.demo_summary logs/demo
+python -m demo.summary logs/demo
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train a small LLM on text only to follow the grammar's instructions, before it hears speech.
 
-    python -m data_prep.text_llm --out DIR [--steps 1500] [--exclude val.jsonl]
+    python -m demo.text_llm --out DIR [--steps 1500] [--exclude val.jsonl]
 
 The model learns to repeat English sentences and to translate them into German and French, with
 the instructions SparQLe uses (the English text sits where speech will, between <Speech> tags)
@@ -23,9 +23,9 @@ import torch
 
 from data_prep.grammar import Sentence, sample_sentence
 from sparqle.cli import reports_user_errors
-from sparqle.data.prompts import INSTRUCTIONS, TRANSCRIBE, TRANSLATE, instruction
 from sparqle.models.llm import LLM, SPEECH_PLACEHOLDER
 from sparqle.models.tiny import save_llama, tiny_llm_tokenizer
+from sparqle.prompts import INSTRUCTIONS, TRANSCRIBE, TRANSLATE, instruction
 
 LANGS = {"de": "German", "fr": "French"}
 
