@@ -62,10 +62,10 @@ def main() -> None:
     module = load_model(args.ckpt, "cpu")
     sr = module.model.encoder.sample_rate
     limit = (module.clip_seconds or (0.0, 30.0))[1]
-    base = Path(args.manifest).parent
     utts = read_manifest(args.manifest)[: args.per_recording * args.recordings]
     clips = [
-        load_audio(u.audio if Path(u.audio).is_absolute() else base / u.audio, sr) for u in utts
+        load_audio(u.audio, sr)
+        for u in utts  # read_manifest resolves paths
     ]
     gen = dict(module.generation)
     start = time.time()

@@ -42,24 +42,21 @@ def speech_spans(
 
 
 def speech_pieces(
-    samples: np.ndarray, sample_rate: int, max_seconds: float
+    samples: np.ndarray, sample_rate: int, max_seconds: float, pause_seconds: float = 0.3
 ) -> list[tuple[int, int]]:
     """What to give the model: [] where there is no speech; the whole clip where it is no longer
-    than max_seconds (as evaluated clip by clip); else speech spans joined at pauses into pieces
-    of at most max_seconds, a longer span cut at its quietest points."""
-    spans = speech_spans(samples, sample_rate)
+    than max_seconds (as evaluated clip by clip); else one piece per stretch of speech between
+    pauses of at least `pause_seconds`, a stretch longer than max_seconds cut at its quietest
+    points. Stretches are not joined: a model trained on one utterance a clip reads one
+    utterance and stops (joining two sentences into one piece lost the second, measured with
+    bench/longform.py)."""
+    spans = speech_spans(samples, sample_rate, min_silence_seconds=pause_seconds)
     if not spans:
         return []
-    limit = int(max_seconds * sample_rate)
-    if len(samples) <= limit:
+    if len(samples) <= int(max_seconds * sample_rate):
         return [(0, len(samples))]
-    pieces: list[tuple[int, int]] = []
+    pieces = []
     for start, end in spans:
-        if pieces and end - pieces[-1][0] <= limit:
-            pieces[-1] = (pieces[-1][0], end)  # the pause between stays inside the piece
-        elif end - start <= limit:
-            pieces.append((start, end))
-        else:
-            cuts = split_points(samples[start:end], sample_rate, max_seconds)
-            pieces += [(start + a, start + b) for a, b in cuts]
+        cuts = split_points(samples[start:end], sample_rate, max_seconds)
+        pieces += [(start + a, start + b) for a, b in cuts]
     return pieces
