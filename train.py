@@ -16,8 +16,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from sparqle.cli import USER_ERRORS, report_user_errors  # noqa: E402
 from sparqle.config import (  # noqa: E402
-    TRAIN_FILES,
     check_devices,
+    check_files,
     check_init_from,
     module_kwargs,
     validate_config,
@@ -29,8 +29,9 @@ TRAIN_ERRORS = (*USER_ERRORS, TrainingDiverged, MisconfigurationException)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    validate_config(cfg, TRAIN_FILES)  # before anything is built
+    validate_config(cfg)  # before anything is built
     check_devices(cfg.trainer)
+    check_files(cfg)
     check_init_from(cfg)
     L.seed_everything(cfg.seed, workers=True)
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]

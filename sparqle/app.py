@@ -67,17 +67,17 @@ def make_app(module, on_result: Callable[[str], None] | None = None):
     """`on_result` sees each text the page is sent (for tests and logging)."""
     import gradio as gr
 
-    handle = make_handler(module)
+    answer = make_handler(module)
 
-    def handler(audio, task, language):
-        text = handle(audio, task, language)
+    def handle(audio, task, language):  # the page's API name: /handle
+        text = answer(audio, task, language)
         if on_result is not None:
             on_result(text)
         return text
 
     languages = sorted(set(LANGUAGE_NAMES.values()) - {"English"})
     return gr.Interface(
-        fn=handler,
+        fn=handle,
         inputs=[
             gr.Audio(sources=["microphone", "upload"], type="numpy", label="Speech"),
             gr.Radio(list(TASKS), value="Transcribe", label="Task"),

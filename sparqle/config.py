@@ -231,10 +231,8 @@ TRAIN_FILES: dict[str, tuple[Check, str]] = {
 }
 
 
-def validate_config(cfg: DictConfig, extra: dict[str, tuple[Check, str]] | None = None) -> None:
-    """Check every known key of a composed config before anything is built, so a wrong type or
-    range stops at once with one line naming the key and what it must be."""
-    for key, (ok, says) in {**RULES, **(extra or {})}.items():
+def _check(cfg: DictConfig, rules: dict[str, tuple[Check, str]]) -> None:
+    for key, (ok, says) in rules.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:
             continue
@@ -242,6 +240,17 @@ def validate_config(cfg: DictConfig, extra: dict[str, tuple[Check, str]] | None 
             value = OmegaConf.to_container(value, resolve=True)
         if not ok(value):
             raise ConfigError(f"{key}={value!r}: expected {says}")
+
+
+def check_files(cfg: DictConfig, rules: dict[str, tuple[Check, str]] = TRAIN_FILES) -> None:
+    """The files a run reads exist (after the config and devices are known to be right)."""
+    _check(cfg, rules)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every known key of a composed config before anything is built, so a wrong type or
+    range stops at once with one line naming the key and what it must be."""
+    _check(cfg, RULES)
     min_s, max_s = cfg.get("data", {}).get("min_seconds"), cfg.get("data", {}).get("max_seconds")
     if _is_number(min_s) and _is_number(max_s) and min_s >= max_s:
         raise ConfigError(f"data.min_seconds={min_s}: must be below data.max_seconds={max_s}")

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sparqle.cli import report_user_errors
-from sparqle.config import TRAIN_FILES, ConfigError, validate_config
+from sparqle.config import ConfigError, check_files, validate_config
 from tests.conftest import ROOT
 
 BAD = [
@@ -37,7 +37,7 @@ def composed(*overrides: str):
 def test_a_bad_value_is_one_line_naming_its_key(overrides, message, capsys):
     cfg = composed("data.train_manifest=null", "data.val_manifest=null", *overrides.split())
     with pytest.raises(SystemExit) as stop:
-        report_user_errors(validate_config, cfg, TRAIN_FILES)
+        report_user_errors(validate_config, cfg)
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
@@ -53,7 +53,7 @@ def test_the_shipped_presets_pass():
 def test_a_missing_manifest_is_named():
     cfg = composed("data.train_manifest=null", "data.val_manifest=/nowhere/val.jsonl")
     with pytest.raises(ConfigError, match=r"data.val_manifest='/nowhere/val.jsonl': expected"):
-        validate_config(cfg, TRAIN_FILES)
+        check_files(cfg)
 
 
 def test_train_py_stops_before_loading_anything():
