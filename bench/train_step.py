@@ -5,8 +5,10 @@
 
 Published model names (HuBERT-large, Llama-3-8B-Instruct, Qwen2.5-7B, BERT-base) are built from
 their architectures with random weights, so nothing is downloaded. Prints step time, audio s/s,
-LLM tokens/s and MFU (FLOPs: 2N per token forward for every module, 2N more backward through the
-frozen LLM's activations, 4N more for the adapter's weight gradients).
+LLM tokens/s and MFU, the FLOPs counted from the model's real shapes by sparqle/flops.py (the
+encoder's conv front end and attention once, the adapter and its per-frame cross-attention
+K/V three times for forward and backward, the frozen LLM twice: forward, and backward through
+its activations only), held to torch's FlopCounterMode in tests/test_flops.py.
 """
 
 from __future__ import annotations

@@ -168,7 +168,21 @@ def _devices(v: Any) -> bool:
     return v == "auto" or v == -1 or (_is_int(v) and v >= 1)
 
 
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+PRECISIONS = (  # Lightning's names (and its older aliases)
+    "32-true",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+    "32",
+    32,
+    "bf16",
+    "16",
+    16,
+    "64",
+    64,
+)
 DTYPES = ("float32", "bfloat16", "float16")
 # key -> (check, what it must be); a key absent from the composed config is not checked
 RULES: dict[str, tuple[Check, str]] = {
