@@ -203,6 +203,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "stage.pretrain.label_smoothing": _number(0, 1),
     "encoder.dtype": _one_of(*DTYPES),
     "encoder.sample_rate": _int(1),
+    "encoder.cache_max_gb": _number(0, above=True),
     "adapter.num_queries": _int(1),
     "adapter.cross_attention_frequency": _int(1),
     "adapter.num_layers": _int(1),

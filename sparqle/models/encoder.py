@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class SpeechEncoder(nn.Module):
         cache_features: bool = False,
         cache_dir: str | None = None,
         whisper_window_seconds: float | None = None,
+        cache_max_gb: float = 4.0,
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
@@ -129,11 +131,14 @@ class SpeechEncoder(nn.Module):
             )
         # Frozen features of each clip, keyed by a hash of its samples: a clip seen again (next
         # epoch, validation) skips the encoder. Exact, since a frozen encoder is deterministic
-        # and padding-invariant; memory grows with the number of distinct clips.
-        # With cache_dir the features also go to disk (one file per clip), so later runs, the
-        # next training stage and evaluation reuse them; the folder is per encoder, layer and dtype.
+        # and padding-invariant. Held in memory up to cache_max_gb, least recently used out first
+        # (960 h through HuBERT-large is ~350 GB of bf16 features: for corpora past the bound
+        # keep cache_dir, or precompute features once for all runs). With cache_dir the features
+        # also go to disk (one file per clip), so later runs, the next training stage and
+        # evaluation reuse them; the folder is per encoder, layer and dtype.
         self.cache_features = cache_features
-        self._cache: dict[bytes, torch.Tensor] = {}
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._cache_bytes, self.cache_max_bytes = 0, int(cache_max_gb * 2**30)
         self.cache_dir = None
         if cache_features and cache_dir:
             tag = hashlib.blake2b(
@@ -191,27 +196,39 @@ class SpeechEncoder(nn.Module):
             hashlib.blake2b(host[i, :n].numpy().tobytes(), digest_size=16).digest()
             for i, n in enumerate(lens)
         ]
-        if self.cache_dir is not None:
-            for k in keys:
-                path = self.cache_dir / f"{k.hex()}.pt"
-                if k not in self._cache and path.is_file():
-                    self._cache[k] = torch.load(path, weights_only=True)
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        found: dict[bytes, torch.Tensor] = {}
+        for k in keys:
+            if k in self._cache:
+                self._cache.move_to_end(k)
+                found[k] = self._cache[k]
+            elif self.cache_dir is not None and (self.cache_dir / f"{k.hex()}.pt").is_file():
+                found[k] = self._remember(
+                    k, torch.load(self.cache_dir / f"{k.hex()}.pt", weights_only=True)
+                )
+        todo = [i for i, k in enumerate(keys) if k not in found]
         if todo:
             longest = max(lens[i] for i in todo)
             fresh = self._encode(audio[todo, :longest], audio_lens[todo])
             for j, i in enumerate(todo):
-                self._cache[keys[i]] = (
-                    fresh.features[j, : int(fresh.mask[j].sum())].detach().cpu().clone()
-                )
+                feat = fresh.features[j, : int(fresh.mask[j].sum())].detach().cpu().clone()
+                found[keys[i]] = self._remember(keys[i], feat)
                 if self.cache_dir is not None:
                     tmp = self.cache_dir / f".{keys[i].hex()}.{os.getpid()}.tmp"
-                    torch.save(self._cache[keys[i]], tmp)
+                    torch.save(feat, tmp)
                     tmp.replace(self.cache_dir / f"{keys[i].hex()}.pt")
-        feats = [self._cache[k] for k in keys]
+        feats = [found[k] for k in keys]
         frames = torch.tensor([f.shape[0] for f in feats], device=audio.device)
         features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(audio.device)
         return EncoderOutput(features=features, mask=lengths_to_mask(frames, features.shape[1]))
+
+    def _remember(self, key: bytes, feat: torch.Tensor) -> torch.Tensor:
+        """Into the in-memory cache; the least recently used go once it holds cache_max_gb."""
+        self._cache[key] = feat
+        self._cache_bytes += feat.numel() * feat.element_size()
+        while self._cache_bytes > self.cache_max_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
+        return feat
 
     def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> EncoderOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):

@@ -100,6 +100,37 @@ def test_feature_cache_returns_the_same_features_without_rerunning(encoders, mon
         SpeechEncoder(encoders["hubert"], layer="weighted", cache_features=True)
 
 
+def test_feature_cache_memory_is_bounded_least_recently_used_first(encoders, tmp_path, monkeypatch):
+    plain = SpeechEncoder(encoders["hubert"])
+    audio, lens = _batch([16000, 16000, 16000, 16000])
+    one_clip = plain(audio[:1], lens[:1]).features[0]
+    size = one_clip.numel() * one_clip.element_size()
+    cached = SpeechEncoder(
+        encoders["hubert"],
+        cache_features=True,
+        cache_dir=str(tmp_path),
+        cache_max_gb=2.5 * size / 2**30,
+    )
+    audio = audio + torch.arange(4.0)[:, None] * 1e-3  # four distinct clips
+    cached(audio[:2], lens[:2])
+    cached(audio[[0]], lens[[0]])  # clip 0 used again: clip 1 is now the oldest
+    cached(audio[2:3], lens[2:3])
+    assert len(cached._cache) == 2 and cached._cache_bytes <= 2.5 * size
+    import hashlib
+
+    def key(i):
+        return hashlib.blake2b(audio[i, : lens[i]].numpy().tobytes(), digest_size=16).digest()
+
+    assert set(cached._cache) == {key(0), key(2)}  # clip 1, least recently used, went first
+    calls = []
+    monkeypatch.setattr(cached, "_encode", lambda *a: calls.append(a) or plain(*a))
+    out = cached(audio, lens)  # evicted clips come back from disk, the fourth is encoded
+    assert len(calls) == 1 and calls[0][0].shape[0] == 1
+    ref = plain(audio, lens)
+    torch.testing.assert_close(out.features, ref.features, atol=1e-4, rtol=1e-4)
+    assert len(cached._cache) == 2  # still bounded
+
+
 def test_feature_cache_on_disk_serves_a_new_process(encoders, tmp_path, monkeypatch):
     audio, lens = _batch([8000, 5000])
     first = SpeechEncoder(encoders["hubert"], cache_features=True, cache_dir=str(tmp_path))(
