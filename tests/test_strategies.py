@@ -282,7 +282,8 @@ def test_validation_on_two_ranks_equals_one_process(tiny_dir, synth_data, tmp_pa
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # one thread, as torchrun gives each rank: the same reduction order in every matmul
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _torchrun(*args[:2], str(tmp_path / "two"), *args[2:], "data.val_batch_size=2")
@@ -290,12 +291,17 @@ def test_validation_on_two_ranks_equals_one_process(tiny_dir, synth_data, tmp_pa
     ranks = [torch.load(tmp_path / f"two.rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # every rank logs the reduced figures
     for key, metric in (
-        ("pretrain/transcribe", "val/r_at_1_in_batch"),
         ("instruct/transcribe", "val/wer"),
         ("instruct/translate_de", "val/bleu_de"),
     ):
-        # fp32 models: the same hypotheses and similarities, so the corpus figures are equal
+        # fp32 models: the same hypotheses, so the corpus figures are equal
         assert ranks[0][key][metric] == pytest.approx(one[key][metric], abs=1e-6), key
+    # R@1 of an untrained tiny model: its similarities are near ties, and batches padded to 4 or
+    # to 2 differ by ~1e-6, enough to flip one argmax now and then (seen once in CI); one flip
+    # among the 6 held-out clips is allowed. Positives read at the wrong offset (the bug this
+    # guards) drop about half of the hits, a bigger move.
+    r1 = "val/r_at_1_in_batch"
+    assert abs(ranks[0]["pretrain/transcribe"][r1] - one["pretrain/transcribe"][r1]) <= 1 / 6 + 1e-6
     assert 0 < one["instruct/translate_de"]["val/bleu_de"] < 100
     assert 0 < one["pretrain/transcribe"]["val/r_at_1_in_batch"] < 1
 
