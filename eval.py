@@ -87,7 +87,7 @@ def evaluate(cfg: DictConfig) -> dict:
         log.info("%s: decoding with %s", name, generation)
         pieces = None
         if cfg.vad:
-            pieces = cfg.max_piece_seconds or (module.clip_seconds or (0.0, 30.0))[1]
+            pieces = cfg.max_piece_seconds or module.longest_clip_seconds()
             log.info("%s: VAD on, clips cut at pauses into pieces of <= %.1f s", name, pieces)
         entry = {
             "checkpoint": str(ckpt),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,14 +35,10 @@ from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 
 
 def batch_of(ids: list[str], clips: list[np.ndarray], texts: list[str]) -> dict:
-    lens = torch.tensor([len(c) for c in clips])
-    audio = torch.zeros(len(clips), int(lens.max()))
-    for i, c in enumerate(clips):
-        audio[i, : len(c)] = torch.from_numpy(c)
     return {
         "id": ids,
-        "audio": audio,
-        "audio_lens": lens,
+        "audio": pad_sequence([torch.from_numpy(c) for c in clips], batch_first=True),
+        "audio_lens": torch.tensor([len(c) for c in clips]),
         "instruction": [instruction(TRANSCRIBE)] * len(clips),
         "target": texts,
         "lang": ["en"] * len(clips),
@@ -61,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     module = load_model(args.ckpt, "cpu")
     sr = module.model.encoder.sample_rate
-    limit = (module.clip_seconds or (0.0, 30.0))[1]
+    limit = module.longest_clip_seconds()
     utts = read_manifest(args.manifest)[: args.per_recording * args.recordings]
     clips = [
         load_audio(u.audio, sr)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import resample, to_mono_float
@@ -32,7 +33,7 @@ def make_handler(
     from sparqle.evaluation import length_cap
 
     sr = module.model.encoder.sample_rate
-    max_seconds = max_seconds or (module.clip_seconds or (0.0, 30.0))[1]
+    max_seconds = max_seconds or module.longest_clip_seconds()
 
     def handle(
         audio: tuple[int, np.ndarray] | None, task: str = "Transcribe", language: str = "German"
@@ -49,9 +50,7 @@ def make_handler(
             return NO_SPEECH
         pieces = [torch.from_numpy(x[a:b].copy()) for a, b in spans]
         lens = torch.tensor([len(p) for p in pieces])
-        batch = torch.zeros(len(pieces), int(lens.max()))
-        for i, p in enumerate(pieces):
-            batch[i, : len(p)] = p
+        batch = pad_sequence(pieces, batch_first=True)
         hyps = module.model.generate(
             batch.to(module.device),
             lens.to(module.device),

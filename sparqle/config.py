@@ -246,6 +246,9 @@ TRAIN_FILES: dict[str, tuple[Check, str]] = {
 }
 
 
+_ABSENT = object()
+
+
 def _check(cfg: DictConfig, rules: dict[str, tuple[Check, str]]) -> None:
     for key, (ok, says) in rules.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -279,9 +282,6 @@ def validate_config(cfg: DictConfig) -> None:
             "trainer.devices=1: trainer=fsdp shards over 2 or more devices (trainer=default "
             "or trainer=gpu trains on one)"
         )
-
-
-_ABSENT = object()
 
 
 register_resolvers()

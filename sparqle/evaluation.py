@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from rich.progress import Progress
+from torch.nn.utils.rnn import pad_sequence
 
 from sparqle import metrics
 from sparqle.data.tasks import parse_task
@@ -151,9 +152,10 @@ def generate_rows(
         if owner:
             spans = [span for plan in plans for span in plan]
             lens = torch.tensor([b - a for a, b in spans])
-            audio = batch["audio"].new_zeros(len(spans), int(lens.max()))
-            for j, (i, (a, b)) in enumerate(zip(owner, spans, strict=True)):
-                audio[j, : b - a] = batch["audio"][i, a:b]
+            audio = pad_sequence(
+                [batch["audio"][i, a:b] for i, (a, b) in zip(owner, spans, strict=True)],
+                batch_first=True,
+            )
             hyps = module.model.generate(
                 audio.to(module.device),
                 lens.to(module.device),

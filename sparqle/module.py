@@ -310,6 +310,11 @@ class SparQLeModule(L.LightningModule):
                 )
 
     # ----------------------------------------------------------------- batches
+    def longest_clip_seconds(self, default: float = 30.0) -> float:
+        """The longest clip it trained on (kept in checkpoints and exports): inference cuts
+        longer audio into pieces of at most this."""
+        return self.clip_seconds[1] if self.clip_seconds else default
+
     def _note_clip_seconds(self, audio_lens: torch.Tensor) -> None:
         """Host-side lengths (before the copy), so this reads nothing back from a device."""
         sr = self.model.encoder.sample_rate

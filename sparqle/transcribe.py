@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from sparqle.cli import reports_user_errors, say_progress
 from sparqle.data.audio import AudioError, load_audio
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sr = module.model.encoder.sample_rate
-    max_seconds = args.max_seconds or (module.clip_seconds or (0.0, 30.0))[1]
+    max_seconds = args.max_seconds or module.longest_clip_seconds()
 
     pieces: list[tuple[int, int, torch.Tensor]] = []  # (file index, piece index, audio)
     ok = [False] * len(args.files)
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, len(pieces), args.batch_size):
         chunk = pieces[start : start + args.batch_size]
         lens = torch.tensor([len(a) for _, _, a in chunk])
-        audio = torch.zeros(len(chunk), int(lens.max()))
-        for j, (_, _, a) in enumerate(chunk):
-            audio[j, : len(a)] = a
+        audio = pad_sequence([a for _, _, a in chunk], batch_first=True)
         cap = args.max_new_tokens or length_cap(float(lens.max()) / sr)
         with inference_autocast(module.device, args.precision):
             hyps = module.model.generate(

@@ -4,16 +4,17 @@ held back unless HYDRA_FULL_ERROR=1 asks for everything; one line per part is sa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
 
+from sparqle.cli import verbose
+
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if verbose():
         yield
         return
     from transformers.utils import logging as hf_logging
