@@ -1,12 +1,19 @@
 """Manifest -> webdataset tar shards + index.
 
     python -m data_prep.make_shards --manifest M.jsonl --out DIR --split NAME \
-        [--workers N] [--shard-size-mb S] [--seed S]
+        [--workers N] [--shard-size-mb S] [--seed S] \
+        [--jobs J --cluster slurm|local [--partition P --timeout-min T]]
 
 Writes DIR/NAME-000000.tar ... and DIR/NAME.json. Each shard is written under a temporary
 name and renamed when complete, with its statistics beside it (NAME-000000.tar.stats.json), so
 a killed run leaves no half shard and a rerun skips the finished ones. The sample order is a
 seeded shuffle of the manifest, so the output is the same for the same inputs and seed.
+
+With --jobs J the shards still to write are dealt to J jobs of a submitit job array (a SLURM
+array, or local processes with --cluster local), each running --workers processes; this command
+waits for them and merges every shard's statistics into the one index. The shard plan and each
+shard's bytes do not depend on who writes it, so the output is byte-identical to one machine's,
+and a rerun after a lost job submits only the shards that are missing.
 """
 
 from __future__ import annotations
@@ -103,6 +110,54 @@ def plan_shards(
     return groups
 
 
+def write_shards(
+    jobs: list[tuple[Path, list[Utterance]]], workers: int = 1, progress: Progress | None = None
+) -> list[ShardStats]:
+    """Write (path, utterances) shards with `workers` processes; the stats in the same order."""
+    task = progress.add_task("shards", total=len(jobs)) if progress is not None else None
+    if workers <= 1:
+        stats = []
+        for path, utts in jobs:
+            stats.append(write_shard(path, utts))
+            if progress is not None:
+                progress.advance(task)
+        return stats
+    out: dict[int, ShardStats] = {}
+    with ProcessPoolExecutor(workers) as pool:
+        futures = {pool.submit(write_shard, p, u): i for i, (p, u) in enumerate(jobs)}
+        for fut in as_completed(futures):
+            out[futures[fut]] = fut.result()
+            if progress is not None:
+                progress.advance(task)
+    return [out[i] for i in range(len(jobs))]
+
+
+def cluster_executor(
+    kind: str, folder: Path, workers: int, partition: str | None, timeout_min: int
+):
+    """A submitit executor: a SLURM job array (`slurm`) or local processes (`local`)."""
+    import submitit
+
+    if kind == "local":
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=timeout_min)
+    elif kind == "slurm":
+        try:
+            ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        except RuntimeError as exc:  # no srun/sbatch here
+            raise ValueError(f"--cluster slurm: {exc}") from None
+        ex.update_parameters(
+            timeout_min=timeout_min,
+            cpus_per_task=workers,
+            tasks_per_node=1,
+            nodes=1,
+            **({"slurm_partition": partition} if partition else {}),
+        )
+    else:
+        raise ValueError(f"--cluster {kind}: expected slurm or local")
+    return ex
+
+
 def make_shards(
     manifest: Path,
     out: Path,
@@ -110,6 +165,10 @@ def make_shards(
     workers: int = 1,
     shard_size_mb: float = 200.0,
     seed: int = 0,
+    jobs: int = 1,
+    cluster: str | None = None,
+    partition: str | None = None,
+    timeout_min: int = 240,
 ) -> dict:
     utterances = read_manifest(manifest)
     missing_duration = [u for u in utterances if u.duration is None]
@@ -133,20 +192,31 @@ def make_shards(
             stats[i] = stats_from_json(stats_path.read_text())
         else:
             todo.append(i)
-    with Progress(transient=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(
-            f"{split}: shards", total=len(groups), completed=len(groups) - len(todo)
+    if cluster and jobs > 1 and todo:
+        # one slice per job, dealt round robin so each gets a like mix of the seeded order
+        slices = [todo[j::jobs] for j in range(min(jobs, len(todo)))]
+        ex = cluster_executor(cluster, out / ".submitit", workers, partition, timeout_min)
+        submitted = ex.map_array(
+            write_shards,
+            [[(paths[i], groups[i]) for i in sl] for sl in slices],
+            [workers] * len(slices),
         )
-        if workers <= 1:
-            for i in todo:
-                stats[i] = write_shard(paths[i], groups[i])
-                progress.advance(task)
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                futures = {pool.submit(write_shard, paths[i], groups[i]): i for i in todo}
-                for fut in as_completed(futures):
-                    stats[futures[fut]] = fut.result()
-                    progress.advance(task)
+        print(
+            f"{split}: {len(todo)} shards in {len(slices)} {cluster} jobs "
+            f"({submitted[0].job_id.split('_')[0]}), logs in {out / '.submitit'}",
+            file=sys.stderr,
+        )
+        for sl, job in zip(slices, submitted, strict=True):
+            for i, st in zip(sl, job.result(), strict=True):
+                stats[i] = st
+    elif todo:
+        with Progress(transient=not sys.stderr.isatty()) as progress:
+            for i, st in zip(
+                todo,
+                write_shards([(paths[i], groups[i]) for i in todo], workers, progress),
+                strict=True,
+            ):
+                stats[i] = st
     return write_index(
         out / f"{split}.json", split, [stats[i] for i in range(len(groups))], SAMPLE_RATE
     )
@@ -161,9 +231,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shard-size-mb", type=float, default=200.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="split the work over this many jobs")
+    p.add_argument(
+        "--cluster",
+        choices=["slurm", "local"],
+        default=None,
+        help="run the jobs as a submitit job array: SLURM, or local processes",
+    )
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--timeout-min", type=int, default=240, help="per job")
     args = p.parse_args(argv)
+    if args.jobs > 1 and not args.cluster:
+        raise ValueError(f"--jobs {args.jobs}: also give --cluster slurm or --cluster local")
     index = make_shards(
-        args.manifest, args.out, args.split, args.workers, args.shard_size_mb, args.seed
+        args.manifest,
+        args.out,
+        args.split,
+        args.workers,
+        args.shard_size_mb,
+        args.seed,
+        args.jobs,
+        args.cluster,
+        args.partition,
+        args.timeout_min,
     )
     print(
         f"{args.split}: {index['num_samples']} samples, {index['hours']:.3f} h in {len(index['shards'])} shards"

@@ -94,6 +94,49 @@ def test_rerun_resumes_and_output_is_deterministic(synth_data, tmp_path):
     )  # finished shards untouched
 
 
+def test_cluster_jobs_write_the_one_machine_shards_and_index(synth_data, tmp_path):
+    # 3 submitit jobs (local processes standing in for a SLURM array) write disjoint slices;
+    # the merged result is the one-machine result byte for byte, index included
+    from data_prep.make_shards import main
+
+    one, many = tmp_path / "one", tmp_path / "many"
+    make_shards(synth_data / "manifest.jsonl", one, "train", shard_size_mb=0.15, seed=5)
+    args = ["--manifest", str(synth_data / "manifest.jsonl"), "--split", "train"]
+    args += ["--shard-size-mb", "0.15", "--seed", "5", "--jobs", "3", "--cluster", "local"]
+    main([*args, "--out", str(many)])
+    tars = sorted(p.name for p in one.glob("*.tar"))
+    assert len(tars) >= 4 and tars == sorted(p.name for p in many.glob("*.tar"))
+    assert all((one / t).read_bytes() == (many / t).read_bytes() for t in tars)
+    assert (one / "train.json").read_bytes() == (many / "train.json").read_bytes()
+    logs = list((many / ".submitit").glob("*_result.pkl"))
+    assert len(logs) == 3  # three array tasks ran
+    # a lost job's shard: the rerun submits only what is missing and keeps the rest
+    (many / tars[2]).unlink()
+    before = {t: (many / t).stat().st_mtime_ns for t in tars if t != tars[2]}
+    main([*args, "--out", str(many)])
+    assert (many / tars[2]).read_bytes() == (one / tars[2]).read_bytes()
+    assert all((many / t).stat().st_mtime_ns == m for t, m in before.items())
+    assert len(list((many / ".submitit").glob("*_result.pkl"))) == 4
+    with pytest.raises(SystemExit) as exc:
+        main([*args[:-2], "--out", str(many)])  # --jobs without --cluster
+    assert exc.value.code == 2
+
+
+def test_slurm_jobs_ask_for_the_workers_and_partition(tmp_path, monkeypatch):
+    from data_prep.make_shards import cluster_executor
+
+    with pytest.raises(ValueError, match="--cluster slurm: .*srun"):
+        cluster_executor("slurm", tmp_path / "logs", 8, "cpu", 60)
+    srun = tmp_path / "bin" / "srun"  # what submitit looks for to know it is on a cluster
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{srun.parent}:{os.environ['PATH']}")
+    params = cluster_executor("slurm", tmp_path / "logs", 8, "cpu", 60)._executor.parameters
+    assert params["cpus_per_task"] == 8 and params["partition"] == "cpu"
+    assert params["time"] == 60 and params["ntasks_per_node"] == 1
+
+
 def _as_rank(dm, rank, world):
     dm._rank_world = lambda: (rank, world)
     return dm
