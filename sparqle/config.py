@@ -204,6 +204,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "encoder.dtype": _one_of(*DTYPES),
     "encoder.sample_rate": _int(1),
     "encoder.cache_max_gb": _number(0, above=True),
+    "encoder.whisper_window_seconds": _number(0, 30, above=True, null=True),
     "adapter.num_queries": _int(1),
     "adapter.cross_attention_frequency": _int(1),
     "adapter.num_layers": _int(1),
@@ -215,6 +216,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "data.batch_size": _int(1),
     "data.val_batch_size": _int(1, null=True),
     "data.num_workers": _int(0),
+    "data.persistent_workers": _one_of(True, False),
+    "data.pin_memory": _one_of(True, False, None),
     "data.min_seconds": _number(0),
     "data.max_seconds": _number(0, above=True, null=True),
     "data.max_seconds_per_batch": _number(0, above=True),
@@ -272,6 +275,12 @@ def validate_config(cfg: DictConfig) -> None:
     min_s, max_s = cfg.get("data", {}).get("min_seconds"), cfg.get("data", {}).get("max_seconds")
     if _is_number(min_s) and _is_number(max_s) and min_s >= max_s:
         raise ConfigError(f"data.min_seconds={min_s}: must be below data.max_seconds={max_s}")
+    window = OmegaConf.select(cfg, "encoder.whisper_window_seconds", default=None)
+    if _is_number(window) and not (_is_number(max_s) and max_s <= window):
+        raise ConfigError(
+            f"data.max_seconds={max_s}: must be at most encoder.whisper_window_seconds={window} "
+            "(a longer clip would lose its end)"
+        )
     strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default="")
     devices, nodes = (
         cfg.get("trainer", {}).get("devices"),

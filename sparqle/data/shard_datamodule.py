@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import lightning as L
@@ -86,10 +88,11 @@ def parse_samples(
     train: bool,
     min_seconds: float = 0.0,
     max_seconds: float | None = None,
+    epoch: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Tar members -> candidates with metadata, task and duration; the audio stays encoded
     (decoded here only for the rare sample whose metadata has no duration)."""
-    rng = random.Random(torch.initial_seed()) if train else None
+    rng = random.Random(f"{torch.initial_seed()}:{epoch}") if train else None
     for s in raw:
         where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
         ext = next((e for e in AUDIO_EXTENSIONS if e in s), None)
@@ -172,10 +175,33 @@ def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
 
 
 class _Epoch:
-    """The epoch number, copied into the loader's workers with the pipeline when an epoch's
-    iteration starts them (a worker's own counters restart with every fresh worker)."""
+    """The epoch number, in shared memory so that persistent loader workers, which keep their
+    copy of the pipeline from one epoch to the next, read the number the trainer set."""
 
-    value = 0
+    def __init__(self) -> None:
+        self._shared = multiprocessing.RawValue("q", 0)
+
+    @property
+    def value(self) -> int:
+        return self._shared.value
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._shared.value = epoch
+
+    def __getstate__(self) -> dict:
+        # shared memory travels only to the processes being started (loader workers); any other
+        # copy (a pickled DataModule) takes the number as it stands
+        if get_spawning_popen() is None:
+            return {"plain": self.value}
+        return {"shared": self._shared}
+
+    def __setstate__(self, state: dict) -> None:
+        if "shared" in state:
+            self._shared = state["shared"]
+        else:
+            self.__init__()
+            self.value = state["plain"]
 
 
 def _shard_order(shards: Iterable[dict], seed: int, epoch: _Epoch) -> Iterator[dict]:
@@ -210,6 +236,8 @@ class ShardDataModule(L.LightningDataModule):
         resampled: bool = False,
         seed: int = 0,
         tasks: Mapping[str, float] | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if token_overhead is None:  # train.py measures it from the LLM's prompt
@@ -232,6 +260,9 @@ class ShardDataModule(L.LightningDataModule):
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.pool_size, self.shuffle_buffer = pool_size, shuffle_buffer
         self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
+        # page-locked batches copy to the GPU asynchronously; nothing to gain without one
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.resampled = resampled
         self.seed = seed
         self._epoch = _Epoch()
@@ -276,12 +307,16 @@ class ShardDataModule(L.LightningDataModule):
         epoch = self._epoch  # read when the loader starts its workers, i.e. once an epoch
         if resampled:
             rank, _ = self._rank_world()
+            # a fresh draw each epoch: ResampledShards' own counter would also advance in a
+            # persistent worker, and a rerun's epoch N must draw what the first run's did
             stages: list[Any] = [
-                wds.ResampledShards(
-                    urls,
-                    seed=self.seed,
-                    worker_seed=lambda: (epoch.value * 1000 + rank) * 1000 + _worker_index(),
-                    deterministic=True,
+                lambda: iter(
+                    wds.ResampledShards(
+                        urls,
+                        seed=self.seed,
+                        worker_seed=lambda: (epoch.value * 1000 + rank) * 1000 + _worker_index(),
+                        deterministic=True,
+                    )
                 )
             ]
         else:
@@ -301,6 +336,7 @@ class ShardDataModule(L.LightningDataModule):
                 train,
                 self.min_seconds if train else 0.0,
                 self.max_seconds if train else None,
+                epoch.value,
             )
         )
         return wds.DataPipeline(*stages)
@@ -312,7 +348,9 @@ class ShardDataModule(L.LightningDataModule):
         rank, size = self._rank_world() if share else (0, 1)
 
         def stage(cands):
-            rng = random.Random(seed if seed is not None else torch.initial_seed())
+            rng = random.Random(
+                seed if seed is not None else f"{torch.initial_seed()}:{self._epoch.value}"
+            )
             batches = bucket_batches(cands, pool_size=self.pool_size, rng=rng, **bucket)
             decoded = (decode_batch(b[rank::size], self.sample_rate, counter) for b in batches)
             return batches_with_counts(decoded, counter)
@@ -371,11 +409,14 @@ class ShardDataModule(L.LightningDataModule):
         return max(1, math.ceil(seconds / per_batch / size / max(1, self.num_workers)))
 
     def _loader(self, split: str) -> wds.WebLoader:
+        """Workers persist across epochs and validations (no restart, no re-import); the epoch
+        reaches them through shared memory."""
         return wds.WebLoader(
             self.pipeline(split),
             batch_size=None,
             num_workers=self.num_workers,
-            persistent_workers=False,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> wds.WebLoader:

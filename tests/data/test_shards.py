@@ -1,10 +1,12 @@
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from data_prep.make_shards import make_shards
@@ -186,8 +188,8 @@ def test_resampled_mode_runs_the_indexed_epoch(shards):
     assert all(b["audio"].shape[0] * b["audio"].shape[1] <= 10.0 * 16000 for b in batches)
 
 
-@pytest.mark.parametrize("resampled", [False, True])
-def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resampled):
+@pytest.mark.parametrize("resampled, persistent", [(False, True), (True, True), (False, False)])
+def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resampled, persistent):
     def first_ids(epoch, workers):
         dm = ShardDataModule(
             train={"main": {"urls": str(shards / "train.json")}},
@@ -203,7 +205,8 @@ def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resam
 
     assert first_ids(0, 0) != first_ids(1, 0)
     assert first_ids(1, 0) == first_ids(1, 0)
-    # as Lightning runs it: one loader for the whole fit, its workers started again each epoch
+    # as Lightning runs it: one loader for the whole fit, its workers kept from epoch to epoch
+    # (persistent) or started again each epoch
     dm = ShardDataModule(
         train={"main": {"urls": str(shards / "train.json")}},
         num_workers=2,
@@ -212,15 +215,37 @@ def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resam
         pool_size=1,
         batch_size=1,
         seed=5,
+        persistent_workers=persistent,
     )
     loader = dm.train_dataloader()
-    epochs = []
+    torch_loader = loader.pipeline[0]  # WebLoader wraps torch's DataLoader
+    assert torch_loader.persistent_workers is persistent
+    epochs, workers = [], []
     for epoch in range(2):
         dm.set_epoch(epoch)
         epochs.append(_ids(loader))
+        workers.append(torch_loader._iterator)
     assert epochs[0] != epochs[1] and epochs[1] == first_ids(1, 2)
+    if persistent:
+        assert workers[0] is not None and workers[0] is workers[1]  # the same worker processes
     if not resampled:
         assert sorted(epochs[0]) == sorted(epochs[1])  # every clip, once an epoch
+
+
+def test_pinned_batches_where_asked_and_by_default_only_with_a_gpu(shards):
+    def loader(**kw):
+        dm = ShardDataModule(
+            train={"main": {"urls": str(shards / "train.json")}}, num_workers=1, **kw
+        )
+        return dm.train_dataloader()
+
+    assert loader().pipeline[0].pin_memory is torch.cuda.is_available()
+    pinned = loader(pin_memory=True)
+    assert pinned.pipeline[0].pin_memory is True
+    with warnings.catch_warnings():  # no accelerator here: torch says so and copies as usual
+        warnings.simplefilter("ignore")
+        ids = _ids(pinned)
+    assert len(ids) == 24
 
 
 def test_sources_mix_by_weight_and_tasks(shards):
