@@ -22,7 +22,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sparqle.cli import report_user_errors  # noqa: E402
-from sparqle.config import validate_config  # noqa: E402  (registers resolvers)
+from sparqle.config import ConfigError, validate_config  # noqa: E402  (registers resolvers)
 from sparqle.distributed import gather_objects  # noqa: E402
 from sparqle.evaluation import (  # noqa: E402
     BatchGenerator,
@@ -57,8 +57,27 @@ def eval_trainer(cfg: DictConfig) -> L.Trainer:
     )
 
 
+def refuse_feature_shards(data: DictConfig) -> None:
+    """Scores come from the audio through the checkpoint's own encoder, never stored features."""
+    if not str(data.get("_target_", "")).endswith("ShardDataModule"):
+        return
+    from sparqle.data.shard_datamodule import feature_record
+
+    held = {
+        f"data.{k}": OmegaConf.to_container(data[k], resolve=True)
+        for k in ("test", "val")
+        if data.get(k)
+    }
+    if feature_record(held):
+        raise ConfigError(
+            "data: feature shards hold no audio; eval.py scores audio shards (data=shards) "
+            "through the checkpoint's own encoder"
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict:
     validate_config(cfg)  # before any model loads
+    refuse_feature_shards(cfg.data)
     ckpts = list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
     overrides = {
         k: v

@@ -17,6 +17,7 @@ from omegaconf import DictConfig  # noqa: E402
 from sparqle.cli import USER_ERRORS, report_user_errors  # noqa: E402
 from sparqle.config import (  # noqa: E402
     check_devices,
+    check_features,
     check_files,
     check_init_from,
     module_kwargs,
@@ -33,11 +34,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_devices(cfg.trainer)
     check_files(cfg)
     check_init_from(cfg)
+    features = check_features(cfg)  # feature shards: their encoder is this config's
     L.seed_everything(cfg.seed, workers=True)
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    module = SparQLeModule(**module_kwargs(cfg))
+    module = SparQLeModule(**module_kwargs(cfg), features=features)
     measured = {}
     if "token_overhead" in cfg.data and cfg.data.token_overhead is None:
         measured["token_overhead"] = module.model.token_overhead()

@@ -86,6 +86,33 @@ def check_devices(trainer: DictConfig) -> None:
             raise ValueError(f"trainer.devices={devices}: this machine has {have} GPU(s)")
 
 
+def check_features(cfg: DictConfig) -> dict[str, Any] | None:
+    """Feature shards' record, once their encoder, layer and window are the config's: features
+    of another encoder would train an adapter that fails on that encoder's real output."""
+    from sparqle.data.shard_datamodule import data_features, describe_features
+
+    record = data_features(OmegaConf.to_container(cfg.data, resolve=True))
+    if record is None:
+        return None
+    enc = cfg.encoder
+    mine = {
+        "encoder": str(enc.name_or_path),
+        "layer": enc.get("layer", "last"),
+        "whisper_window_seconds": enc.get("whisper_window_seconds"),
+    }
+    if (
+        Path(mine["encoder"]).name != Path(str(record["encoder"])).name
+        or str(mine["layer"]) != str(record.get("layer"))
+        or mine["whisper_window_seconds"] != record.get("whisper_window_seconds")
+    ):
+        raise ConfigError(
+            f"data: feature shards of {describe_features(record)}, but the run's encoder is "
+            f"{describe_features(mine)} (extract them with these encoder= overrides, "
+            "python -m data_prep.extract_features, or name their encoder)"
+        )
+    return record
+
+
 def check_init_from(cfg: DictConfig) -> None:
     """Stage 2 of a Q-Former with no stage-1 checkpoint starts the Q-Former from BERT: warn, or
     stop where `stage.require_init_from` is set (the paper preset); `stage.init_from=none`
@@ -266,6 +293,11 @@ def _check(cfg: DictConfig, rules: dict[str, tuple[Check, str]]) -> None:
 def check_files(cfg: DictConfig, rules: dict[str, tuple[Check, str]] = TRAIN_FILES) -> None:
     """The files a run reads exist (after the config and devices are known to be right)."""
     _check(cfg, rules)
+
+
+def validate_group(cfg: DictConfig, group: str) -> None:
+    """The rules of one config group alone (a tool that builds only that part)."""
+    _check(cfg, {k: v for k, v in RULES.items() if k.startswith(f"{group}.")})
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -29,6 +29,7 @@ from transformers import AutoConfig
 from sparqle import flops, metrics
 from sparqle.distributed import all_reduce_max, all_reduce_sum, gather_objects, world
 from sparqle.models.adapters import QFormerAdapter
+from sparqle.models.encoder import PrecomputedFeatures, SpeechEncoder
 from sparqle.models.llm import check_generation
 from sparqle.models.loading import describe, quiet_loading
 from sparqle.models.pretrain import SpeechTextPretrainer
@@ -83,6 +84,13 @@ class StepSkips:
         return longest
 
 
+def speech_input(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the encoder takes: (audio, samples), or from feature shards (features, frames)."""
+    if "features" in batch:
+        return batch["features"], batch["feature_lens"]
+    return batch["audio"], batch["audio_lens"]
+
+
 class SparQLeModule(L.LightningModule):
     def __init__(
         self,
@@ -94,9 +102,13 @@ class SparQLeModule(L.LightningModule):
         val_decode_batches: int = 2,
         max_nonfinite_steps: int = 10,
         train_tasks: list[str] | None = None,
+        features: dict[str, Any] | None = None,
     ) -> None:
+        """`features`: the index record of the feature shards it trains on; the encoder is then
+        neither loaded nor run (not saved: the checkpoint's encoder config rebuilds the encoder
+        for inference on audio)."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["features"])
         self.stage = stage["name"]
         if self.stage not in STAGES:
             raise ValueError(f"stage.name={self.stage!r}: expected one of {', '.join(STAGES)}")
@@ -115,7 +127,7 @@ class SparQLeModule(L.LightningModule):
         )
 
         with quiet_loading():  # one line per part below instead of transformers' reports
-            enc = instantiate(encoder)
+            enc = PrecomputedFeatures(features) if features else instantiate(encoder)
             if self.stage == "pretrain":
                 llm_module = None
                 llm_dim = AutoConfig.from_pretrained(llm["name_or_path"]).hidden_size
@@ -145,7 +157,15 @@ class SparQLeModule(L.LightningModule):
                 for p in ada.qformer.text_parameters():
                     p.requires_grad_(False)
         self.model = SparQLe(enc, ada, llm_module, heads)
-        log.info(describe("encoder", encoder["name_or_path"], enc))
+        if features:
+            log.info(
+                "encoder: none loaded; features of %s from feature shards (%d-d, %s)",
+                features["encoder"],
+                enc.hidden_size,
+                features.get("dtype"),
+            )
+        else:
+            log.info(describe("encoder", encoder["name_or_path"], enc))
         log.info(describe("adapter", type(ada).__name__, ada))
         if llm_module is not None:
             log.info(describe("llm", llm["name_or_path"], llm_module))
@@ -338,17 +358,25 @@ class SparQLeModule(L.LightningModule):
         batch["stats"] = {
             "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
             "samples": len(batch["id"]),
-            "lengths": batch["audio_lens"].tolist(),
+            "lengths": speech_input(batch)[1].tolist(),
         }
-        if self.model.llm is not None:  # the LLM input layout, from the host's audio_lens
-            batch["speech_lengths"] = self.model.speech_lengths(batch["audio_lens"])
+        if self.model.llm is not None:  # the LLM input layout, from the host's lengths
+            batch["speech_lengths"] = self.model.speech_lengths(speech_input(batch)[1])
         return batch
 
     def _silence(self) -> dict[str, Any]:
         sr = self.model.encoder.sample_rate
+        if isinstance(self.model.encoder, PrecomputedFeatures):
+            frames = max(1, round(self.model.encoder.frame_rate))
+            speech = {
+                "features": torch.zeros(1, frames, self.model.encoder.hidden_size),
+                "feature_lens": torch.tensor([frames]),
+            }
+        else:
+            speech = {"audio": torch.zeros(1, sr)}
         return {
             "id": ["<stand-in>"],
-            "audio": torch.zeros(1, sr),
+            **speech,
             "audio_lens": torch.tensor([sr]),
             "text": ["."],
             "task": [TRANSCRIBE],
@@ -359,11 +387,12 @@ class SparQLeModule(L.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        speech, lens = speech_input(batch)
         if self.stage == "pretrain":
-            return self.model.pretrain(batch["audio"], batch["audio_lens"], batch["text"])
+            return self.model.pretrain(speech, lens, batch["text"])
         loss, inputs = self.model(
-            batch["audio"],
-            batch["audio_lens"],
+            speech,
+            lens,
             batch["instruction"],
             batch["target"],
             batch.get("speech_lengths"),
@@ -403,12 +432,13 @@ class SparQLeModule(L.LightningModule):
         stats = batch.get("stats") or {
             "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
             "samples": len(batch["id"]),
-            "lengths": batch["audio_lens"].tolist(),
+            "lengths": speech_input(batch)[1].tolist(),
         }
         model = self.model
         lengths = stats.get("lengths") or []
         frames = model.encoder.output_lengths(torch.tensor(lengths, dtype=torch.long)).tolist()
-        encoder = 0.0 if model.encoder.cache_features else sum(map(self._encoder_flops, lengths))
+        runs_encoder = isinstance(model.encoder, SpeechEncoder) and not model.encoder.cache_features
+        encoder = sum(map(self._encoder_flops, lengths)) if runs_encoder else 0.0
         adapter = self._adapter_flops(frames, out.get("text_lengths"))
         llm = 0.0
         if model.llm is not None and out.get("llm_rows"):
@@ -483,7 +513,7 @@ class SparQLeModule(L.LightningModule):
             self._val_add("r_at_1_in_batch", hits, weight)
         elif batch_idx < self.val_decode_batches:
             hyps = self.model.generate(
-                batch["audio"], batch["audio_lens"], batch["instruction"], **self.generation
+                *speech_input(batch), batch["instruction"], **self.generation
             )
             if not weight:
                 return
@@ -493,7 +523,11 @@ class SparQLeModule(L.LightningModule):
                     if batch["task"][i] == TRANSCRIBE
                     else f"translate_{batch['lang'][i]}"
                 )
-                audio = batch["audio"][i, : batch["audio_lens"][i]].cpu().numpy()
+                audio = (  # none to play back from feature shards
+                    batch["audio"][i, : batch["audio_lens"][i]].cpu().numpy()
+                    if "audio" in batch
+                    else None
+                )
                 self._val[key].append((batch["id"][i], batch["target"][i], hyp, audio))
 
     def on_validation_epoch_end(self) -> None:
@@ -537,6 +571,9 @@ class SparQLeModule(L.LightningModule):
                 data=[[task, uid, ref, hyp] for task, uid, ref, hyp, _ in rows],
                 step=self.global_step,
             )
+            rows = [row for row in rows if row[4] is not None]  # feature shards: no audio
+            if not rows:
+                continue
             lg.log_audio(
                 key="val/audio",
                 audios=[row[4] for row in rows],

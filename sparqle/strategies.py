@@ -91,7 +91,8 @@ def shard_model(
                 plan.append(([head], True, None))
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         plan.append(([base.base_model], True, None))
-    plan.append(([model.encoder.model], False, None))
+    if hasattr(model.encoder, "model"):  # none from feature shards
+        plan.append(([model.encoder.model], False, None))
     if model.heads is not None:  # ITC/ITM/ITG compute in fp32 (temperature-scaled similarities)
         plan.append(([model.heads], False, torch.float32))
     plan.append(([model], False, None))

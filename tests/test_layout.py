@@ -24,10 +24,16 @@ def imports(path: Path) -> set[str]:
     return found
 
 
+# the one data-prep step whose transformation is a model: the frozen encoder's features
+RUNS_A_MODEL = {"data_prep/extract_features.py": ("sparqle.models",)}
+
+
 def test_imports_flow_one_way():
     broken = []
     for package, banned in FORBIDDEN.items():
         for path in sorted((ROOT / package).rglob("*.py")):
+            allowed = RUNS_A_MODEL.get(str(path.relative_to(ROOT)), ())
+            banned = tuple(b for b in FORBIDDEN[package] if b not in allowed)
             for name in imports(path):
                 if any(name == b or name.startswith(b + ".") for b in banned):
                     broken.append(f"{path.relative_to(ROOT)} imports {name}")

@@ -166,3 +166,44 @@ def test_missing_manifest_is_one_clear_line(tiny_dir, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: data.train_manifest='{missing}': expected an existing file or null"
     )
+
+
+@pytest.mark.slow
+def test_both_stages_train_from_feature_shards_without_the_encoder(tiny_dir, synth_data, tmp_path):
+    from data_prep.extract_features import extract_features
+    from data_prep.make_shards import make_shards
+
+    enc = ["encoder=tiny", f"paths.cache_dir={tiny_dir}", "encoder.layer=1"]
+    for split in ("train", "val"):
+        make_shards(synth_data / f"{split}.jsonl", tmp_path / "audio", split, shard_size_mb=0.1)
+        extract_features(tmp_path / "audio" / f"{split}.json", tmp_path / "feats", enc)
+    common = [
+        "experiment=tiny",
+        "data=feature_shards",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "data.num_workers=1",
+        "data.max_seconds_per_batch=12",
+        "encoder.layer=1",
+        f"paths.cache_dir={tiny_dir}",
+        f"data.train.main.urls={tmp_path / 'feats' / 'train.json'}",
+        f"data.val.urls={tmp_path / 'feats' / 'val.json'}",
+        "callbacks.progress_bar=null",
+    ]
+    ckpt = tmp_path / "pretrain" / "checkpoints" / "last.ckpt"
+    for stage, extra in (("pretrain", []), ("instruct", [f"stage.init_from={ckpt}"])):
+        proc = run_train(*common, f"stage={stage}", *extra, f"hydra.run.dir={tmp_path / stage}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "encoder: none loaded; features of" in proc.stdout + proc.stderr
+        saved = torch.load(tmp_path / stage / "checkpoints" / "last.ckpt", weights_only=True)
+        assert saved["global_step"] == 6
+        assert "features" not in saved["hyper_parameters"]  # inference rebuilds the encoder
+    # features from another layer than the run's encoder: one line naming both, exit 2
+    proc = run_train(
+        *common, "stage=pretrain", "encoder.layer=2", f"hydra.run.dir={tmp_path / 'x'}"
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: data: feature shards of encoder ")
+        and "layer 1, but the run's encoder is encoder" in proc.stderr
+    )

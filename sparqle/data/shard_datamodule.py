@@ -30,7 +30,14 @@ import webdataset as wds
 from sparqle.data.audio import AudioError, load_audio
 from sparqle.data.bucketing import bucket_batches
 from sparqle.data.collate import collate
-from sparqle.data.shards import index_urls, metadata_to_utterance, read_index
+from sparqle.data.shards import (
+    FEATURE_IDENTITY,
+    FEATURES,
+    decode_features,
+    index_urls,
+    metadata_to_utterance,
+    read_index,
+)
 from sparqle.data.tasks import TaskSampler
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,48 @@ def total_seconds(urls: str | list[str]) -> float | None:
     return sum(s["seconds"] for u in items for s in read_index(u)["shards"])
 
 
+def feature_record(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The `features` record of feature shards' indexes (None for audio shards), from
+    {config key: source}; every source must be of one kind and, for features, from one
+    encoder and layer."""
+    found: dict[str, dict[str, Any] | None] = {}
+    for name, src in sources.items():
+        urls = src["urls"] if isinstance(src["urls"], list | tuple) else [src["urls"]]
+        for u in urls:
+            if str(u).endswith(".json"):
+                found[f"{name}.urls={u}"] = read_index(u).get("features")
+    kinds = {k: v for k, v in found.items() if v is not None}
+    if not kinds:
+        return None
+    if len(kinds) < len(found):
+        audio = next(k for k, v in found.items() if v is None)
+        raise ValueError(f"{audio}: audio shards, while {next(iter(kinds))} holds features")
+    (first, ref), *rest = kinds.items()
+    for name, rec in rest:
+        if any(rec.get(k) != ref.get(k) for k in (*FEATURE_IDENTITY, "hidden_size")):
+            raise ValueError(
+                f"{name}: features of {describe_features(rec)}, but {first} holds "
+                f"{describe_features(ref)}"
+            )
+    return ref
+
+
+def data_features(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """feature_record of a `data=` config (None for data modules other than shards)."""
+    if not str(data.get("_target_", "")).endswith("ShardDataModule"):
+        return None
+    named = {f"data.train.{k}": v for k, v in (data.get("train") or {}).items() if v}
+    named |= {f"data.{k}": data[k] for k in ("val", "test") if data.get(k)}
+    return feature_record(named)
+
+
+def describe_features(record: dict[str, Any]) -> str:
+    window = record.get("whisper_window_seconds")
+    return f"encoder {record.get('encoder')} layer {record.get('layer')}" + (
+        f" (window {window} s)" if window else ""
+    )
+
+
 def _worker_index() -> int:
     info = torch.utils.data.get_worker_info()
     return 0 if info is None else info.id
@@ -95,7 +144,7 @@ def parse_samples(
     rng = random.Random(f"{torch.initial_seed()}:{epoch}") if train else None
     for s in raw:
         where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
-        ext = next((e for e in AUDIO_EXTENSIONS if e in s), None)
+        ext = next((e for e in (*AUDIO_EXTENSIONS, FEATURES) if e in s), None)
         try:
             meta = json.loads(s["json"])
         except (KeyError, ValueError, TypeError):
@@ -110,7 +159,12 @@ def parse_samples(
             counter.add("no text", where)
             continue
         cand = {"where": where, "utt": utt, "choice": choice, "target": choice.target}
-        if isinstance(meta.get("duration"), (int, float)):
+        if ext == FEATURES:
+            if not isinstance(meta.get("duration"), (int, float)):
+                counter.add("bad metadata", f"{where} (no duration)")
+                continue
+            cand.update(features=s[ext], seconds=float(meta["duration"]))
+        elif isinstance(meta.get("duration"), (int, float)):
             cand.update(encoded=s[ext], seconds=float(meta["duration"]))
         else:
             audio = _decode(s[ext], sample_rate, where, counter)
@@ -142,10 +196,26 @@ def _decode(encoded: bytes, sample_rate: int, where: str, counter: SkipCounter):
 
 
 def decode_batch(
-    cands: list[dict[str, Any]], sample_rate: int, counter: SkipCounter
+    cands: list[dict[str, Any]],
+    sample_rate: int,
+    counter: SkipCounter,
+    feature_dim: int | None = None,
 ) -> list[dict[str, Any]]:
     out = []
     for c in cands:
+        if "features" in c:
+            try:
+                if feature_dim is None:
+                    raise ValueError("features where the sources' indexes record none")
+                feats = decode_features(c["features"], feature_dim)
+            except ValueError as exc:
+                counter.add(
+                    "NaN features" if "NaN" in str(exc) else "bad features", f"{c['where']}: {exc}"
+                )
+                continue
+            samples = round(c["seconds"] * sample_rate)
+            out.append(c["choice"].feature_sample(c["utt"], feats, samples))
+            continue
         audio = c.get("audio")
         if audio is None:
             audio = _decode(c["encoded"], sample_rate, c["where"], counter)
@@ -342,17 +412,25 @@ class ShardDataModule(L.LightningDataModule):
         return wds.DataPipeline(*stages)
 
     def _batches(
-        self, counter: SkipCounter, seed: int | None, bucket: dict[str, Any], share: bool
+        self,
+        counter: SkipCounter,
+        seed: int | None,
+        bucket: dict[str, Any],
+        share: bool,
+        sources: Mapping[str, Mapping[str, Any]],
     ) -> Callable[[Iterable], Iterator[dict[str, Any]]]:
-        """candidates -> bucketed batches -> (this rank's share) -> decoded, collated batches."""
+        """candidates -> bucketed batches -> (this rank's share) -> decoded, collated batches.
+        `sources` ({config key: source}) tell the feature size where they are feature shards."""
         rank, size = self._rank_world() if share else (0, 1)
+        record = feature_record(sources)
+        dim = record["hidden_size"] if record else None
 
         def stage(cands):
             rng = random.Random(
                 seed if seed is not None else f"{torch.initial_seed()}:{self._epoch.value}"
             )
             batches = bucket_batches(cands, pool_size=self.pool_size, rng=rng, **bucket)
-            decoded = (decode_batch(b[rank::size], self.sample_rate, counter) for b in batches)
+            decoded = (decode_batch(b[rank::size], self.sample_rate, counter, dim) for b in batches)
             return batches_with_counts(decoded, counter)
 
         return stage
@@ -372,13 +450,15 @@ class ShardDataModule(L.LightningDataModule):
                 if len(sources) == 1
                 else wds.RandomMix(sources, weights, longest=not resampled)
             )
-            pipe = wds.DataPipeline(mixed, self._batches(counter, None, self.bucket, False))
+            named = {f"data.train.{k}": v for k, v in self.train_sources.items()}
+            pipe = wds.DataPipeline(mixed, self._batches(counter, None, self.bucket, False, named))
             return pipe.with_epoch(self.batches_per_worker()) if resampled else pipe
         src = self.val_source if split == "val" else self.test_source
         if not src:
             raise ValueError(f"data.{split} is not set")
         return wds.DataPipeline(
-            self._source(src, False, counter), self._batches(counter, self.seed, self.bucket, True)
+            self._source(src, False, counter),
+            self._batches(counter, self.seed, self.bucket, True, {f"data.{split}": src}),
         )
 
     def eval_dataloader(self, task: str, batch_size: int | None = None) -> wds.WebLoader:
@@ -395,7 +475,9 @@ class ShardDataModule(L.LightningDataModule):
             self._source(
                 {**src, "tasks": {task: 1.0}}, False, counter if rank == 0 else SkipCounter()
             ),
-            self._batches(counter, 0, bucket, True),
+            self._batches(
+                counter, 0, bucket, True, {"data.test" if self.test_source else "data.val": src}
+            ),
         )
         return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
 

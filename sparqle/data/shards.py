@@ -1,13 +1,21 @@
 """The shard format: webdataset tars of `KEY.flac` (16 kHz mono) + `KEY.json` metadata,
 with an index `NAME.json` beside them. Written by data_prep.make_shards, read by the
 shard DataModule; this module is the one place that knows the layout.
+
+Feature shards (data_prep.extract_features) hold `KEY.pth`, a frozen encoder's (frames, dim)
+output as torch saved it, instead of the audio, the same `KEY.json` plus `frames`, and an index
+whose `features` record names the encoder, layer, dtype and frame rate that made them.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from sparqle.data.manifest import Utterance
 
@@ -63,7 +71,40 @@ def histogram(durations: list[float]) -> dict[str, list]:
     }
 
 
-def write_index(path: Path, split: str, shards: list[ShardStats], sample_rate: int) -> dict:
+FEATURES = "pth"  # the member that holds a clip's features
+# what must match between feature shards and the encoder config a run names
+FEATURE_IDENTITY = ("encoder", "layer", "whisper_window_seconds")
+
+
+def encode_features(features: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(features.contiguous().clone(), buf)
+    return buf.getvalue()
+
+
+def decode_features(data: bytes, dim: int) -> torch.Tensor:
+    """A clip's (frames, dim) features; ValueError says what is wrong with a bad one."""
+    try:
+        features = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # truncated or not a tensor file
+        raise ValueError(f"unreadable features ({type(exc).__name__})") from None
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != dim:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
+        raise ValueError(f"features of shape {shape}, expected (frames, {dim})")
+    if features.shape[0] == 0:
+        raise ValueError("empty features")
+    if not torch.isfinite(features).all():
+        raise ValueError("NaN features")
+    return features
+
+
+def write_index(
+    path: Path,
+    split: str,
+    shards: list[ShardStats],
+    sample_rate: int,
+    features: dict | None = None,
+) -> dict:
     skipped: dict[str, int] = {}
     for s in shards:
         for reason, n in s.skipped.items():
@@ -79,8 +120,9 @@ def write_index(path: Path, split: str, shards: list[ShardStats], sample_rate: i
         ],
         "duration_histogram": histogram(durations),
         "skipped": skipped,
+        **({"features": features} if features is not None else {}),
     }
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, indent=1, ensure_ascii=False))
     tmp.replace(path)
     return index

@@ -22,9 +22,19 @@ class TaskChoice:
 
     def sample(self, utt: Utterance, audio: np.ndarray) -> dict[str, Any]:
         """The dict every DataModule yields per utterance, which `collate` batches."""
+        return {"id": utt.id, "audio": audio, **self._texts(utt)}
+
+    def feature_sample(self, utt: Utterance, features: Any, audio_samples: int) -> dict[str, Any]:
+        """The same from a feature shard: the encoder's output instead of the audio."""
         return {
             "id": utt.id,
-            "audio": audio,
+            "features": features,
+            "audio_samples": audio_samples,
+            **self._texts(utt),
+        }
+
+    def _texts(self, utt: Utterance) -> dict[str, Any]:
+        return {
             "text": utt.text,
             "task": self.task,
             "lang": self.lang,

@@ -132,8 +132,9 @@ class SpeechEncoder(nn.Module):
         # Frozen features of each clip, keyed by a hash of its samples: a clip seen again (next
         # epoch, validation) skips the encoder. Exact, since a frozen encoder is deterministic
         # and padding-invariant. Held in memory up to cache_max_gb, least recently used out first
-        # (960 h through HuBERT-large is ~350 GB of bf16 features: for corpora past the bound
-        # keep cache_dir, or precompute features once for all runs). With cache_dir the features
+        # (960 h through HuBERT-large is ~350 GB of bf16 features: for corpora past the bound,
+        # or many runs over one corpus, write feature shards once with data_prep.extract_features
+        # and train with data=feature_shards: streamed like audio, no encoder). With cache_dir the features
         # also go to disk (one file per clip), so later runs, the next training stage and
         # evaluation reuse them; the folder is per encoder, layer and dtype.
         self.cache_features = cache_features
@@ -288,3 +289,28 @@ class SpeechEncoder(nn.Module):
         dtype = next(self.model.parameters()).dtype
         states = self._run(input_features=feats.to(audio.device, dtype))
         return states, self.output_lengths(audio_lens)
+
+
+class PrecomputedFeatures(nn.Module):
+    """Stands where the encoder would be when batches bring its features (feature shards,
+    data_prep.extract_features): nothing is loaded or run; `record` is the shards' index
+    record of the encoder that made them (hidden size, frame rate, sample rate, name)."""
+
+    encodes = False
+
+    def __init__(self, record: dict) -> None:
+        super().__init__()
+        self.name_or_path = str(record["encoder"])
+        self.hidden_size = int(record["hidden_size"])
+        self.frame_rate = float(record["frame_rate"])
+        self.sample_rate = int(record["sample_rate"])
+        self.cache_features = False
+        self.frozen = True
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The inputs are frames already."""
+        return lengths
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
+        mask = lengths_to_mask(lengths, features.shape[1])
+        return EncoderOutput(features=features * mask[..., None].to(features.dtype), mask=mask)
