@@ -224,6 +224,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "stage.optim.warmup_steps": _int(0),
     "stage.optim.warmup_init_lr": _number(0),
     "stage.optim.min_lr_ratio": _number(0, 1),
+    "stage.optim.new_cross_attention_lr_scale": _number(0, above=True),
     "stage.pretrain.embed_dim": _int(1),
     "stage.pretrain.temperature": _number(0, above=True),
     "stage.pretrain.max_text_tokens": _int(1),

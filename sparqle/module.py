@@ -169,6 +169,7 @@ class SparQLeModule(L.LightningModule):
         log.info(describe("adapter", type(ada).__name__, ada))
         if llm_module is not None:
             log.info(describe("llm", llm["name_or_path"], llm_module))
+        self.adapter_loaded = False  # set where a stage-1 checkpoint initialises the adapter
         if stage.get("init_from") and str(stage["init_from"]).lower() != "none":
             self.load_adapter_from(stage["init_from"])
 
@@ -217,6 +218,7 @@ class SparQLeModule(L.LightningModule):
             )
         self.load_state_dict(wanted, strict=False)
         log.info("initialised %d adapter tensors from %s", len(wanted), path)
+        self.adapter_loaded = True
 
     def configure_model(self) -> None:
         """Under trainer=fsdp, shard the model (once) over the strategy's device mesh."""
@@ -277,18 +279,31 @@ class SparQLeModule(L.LightningModule):
             raise ValueError(
                 f"trainer.precision={self.trainer.precision}: fp16 is not supported, use bf16-mixed"
             )
-        decay, no_decay = [], []
+        cfg = self.optim_cfg
+        lr = cfg.get("lr", 1e-4)
+        # BERT has no cross-attention: it starts from random weights unless a stage-1 checkpoint
+        # brought it, and may then learn faster than the pretrained rest (1: one rate, as LAVIS)
+        fresh = not self.adapter_loaded
+        new_scale = float(cfg.get("new_cross_attention_lr_scale", 1.0)) if fresh else 1.0
+        groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
-        cfg = self.optim_cfg
+                key = (
+                    not any(k in name for k in _NO_DECAY),
+                    new_scale != 1.0 and "crossattention" in name,
+                )
+                groups.setdefault(key, []).append(p)
         # fused: one kernel, and it skips a step the device flagged (found_inf) without a host read
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": cfg.get("weight_decay", 0.05)},
-                {"params": no_decay, "weight_decay": 0.0},
+                {
+                    "params": params,
+                    "weight_decay": cfg.get("weight_decay", 0.05) if decays else 0.0,
+                    "lr": lr * (new_scale if new else 1.0),
+                }
+                for (decays, new), params in sorted(groups.items(), reverse=True)
             ],
-            lr=cfg.get("lr", 1e-4),
+            lr=lr,
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
             eps=cfg.get("eps", 1e-8),
             fused=True,

@@ -224,6 +224,45 @@ def test_optimizer_eps_and_schedule_from_the_stage_config(tiny_dir, synth_data):
     assert lrs[10:] == [pytest.approx(1e-4)] * 490  # constant after warm-up
 
 
+def _optimizer(module):
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=100, logger=False)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    with mock.patch.object(
+        L.Trainer, "estimated_stepping_batches", new_callable=mock.PropertyMock, return_value=100
+    ):
+        return module.configure_optimizers()["optimizer"]
+
+
+def test_fresh_cross_attention_learns_at_its_own_rate(tiny_dir, synth_data, batch, tmp_path):
+    scale = "stage.optim.new_cross_attention_lr_scale=10"
+    pre = make_module(tiny_dir, synth_data, "stage=pretrain", "stage.optim.lr=1e-4", scale)
+    names = {id(p): n for n, p in pre.named_parameters()}
+    opt = _optimizer(pre)
+    by_rate: dict[float, list[str]] = {}
+    for g in opt.param_groups:
+        by_rate.setdefault(g["initial_lr"], []).extend(names[id(p)] for p in g["params"])
+    assert sorted(by_rate) == [pytest.approx(1e-4), pytest.approx(1e-3)]
+    fast = by_rate[max(by_rate)]
+    assert fast and all("crossattention" in n for n in fast)
+    assert not any("crossattention" in n for n in by_rate[min(by_rate)])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(pre.trainable_names())
+    # from a stage-1 checkpoint the cross-attention is trained already: one rate again
+    _one_step(pre, batch)
+    save_checkpoint(pre, tmp_path / "pre.ckpt")
+    inst = make_module(
+        tiny_dir,
+        synth_data,
+        "stage=instruct",
+        "stage.optim.lr=1e-4",
+        scale,
+        f"stage.init_from={tmp_path / 'pre.ckpt'}",
+    )
+    assert [g["initial_lr"] for g in _optimizer(inst).param_groups] == [pytest.approx(1e-4)] * 2
+
+
 def test_validation_leaves_every_generator_as_it_found_it(tiny_dir, synth_data, monkeypatch):
     """On GPU dropout and ITM negatives draw from the CUDA generators: they are restored too."""
     import random
