@@ -71,8 +71,9 @@ DEMO_TRAIN_VOICES ?= espeak-ng:en-us+m1,espeak-ng:en-us+f2,espeak-ng:en+m3,flite
 DEMO_HELDOUT_VOICES ?= flite:awb,festival:cmu_us_slt_arctic_hts
 DEMO_CLIPS ?= 1248
 DEMO_VAL_CLIPS ?= 96
-DEMO_STAGE1_STEPS ?= 300
-# 1200: 600 left stage 2 short of converging on 2 of 3 seeds (docs/benchmarks.md, 2026-11-30)
+# stage 1 leaves its plateau by step 29 (conf/experiment/demo.yaml): 200 steps reach R@1 92-100 %;
+# stage 2 needs its 1,200 (800 stopped at held-out WER 21-26 %; docs/benchmarks.md, 2026-11-30)
+DEMO_STAGE1_STEPS ?= 200
 DEMO_STAGE2_STEPS ?= 1200
 # more Hydra overrides for both training stages, e.g. DEMO_OVERRIDES="adapter.num_queries=32"
 DEMO_OVERRIDES ?=

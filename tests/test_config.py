@@ -25,6 +25,14 @@ BAD = [
     ("stage.init_from=/no/such.ckpt", "stage.init_from='/no/such.ckpt': expected an existing file"),
     ("trainer=fsdp trainer.devices=1", "trainer.devices=1: trainer=fsdp shards over 2 or more"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: expected a number >= 0"),
+    (
+        "encoder=whisper_medium encoder.whisper_window_seconds=5",
+        "data.max_seconds=30.0: must be at most encoder.whisper_window_seconds=5",
+    ),
+    (
+        "encoder=whisper_medium encoder.whisper_window_seconds=45",
+        "encoder.whisper_window_seconds=45: expected a number > 0 and <= 30 or null",
+    ),
 ]
 
 

@@ -71,6 +71,9 @@ def test_short_demo_learns_to_transcribe(tmp_path):
         "trainer.val_check_interval=1000",
         "trainer.limit_val_batches=0",
         "stage.optim.lr=5e-4",
+        # no stage 1 here, so the demo's 10x for a fresh cross-attention would apply (5e-3): the
+        # thresholds below were measured at one rate
+        "stage.optim.new_cross_attention_lr_scale=1",
         f"hydra.run.dir={logs / 'instruct'}",
     )
     rows = [
@@ -95,11 +98,12 @@ def test_short_demo_learns_to_transcribe(tmp_path):
     # An adapter that learnt nothing leaves the LLM answering at random (WER ~100 %). After these
     # 150 steps (no stage 1) the loss fell to 0.46 of its start and the training-set WER to 59 %
     # in float32, to 0.50 and 59 % in bf16 autocast (the demo's setting on CPUs with bf16 maths;
-    # measured 2026-11-23); the thresholds fail when learning stalls, with room for CPU noise.
+    # measured 2026-11-23); with the demo's 5-s Whisper window, 0.59 and 43 % in bf16
+    # (2026-11-30). The thresholds fail when learning stalls (ratio ~1), with room for CPU noise.
     print(f"short demo: loss {first:.2f} -> {last:.2f}, training-set WER {wer:.1%}")
     assert last < LOSS_RATIO * first, (first, last)
     assert wer < WER_THRESHOLD, wer
 
 
 WER_THRESHOLD = 0.8
-LOSS_RATIO = 0.6
+LOSS_RATIO = 0.7
