@@ -33,10 +33,11 @@ from sparqle.data.shards import (
     FEATURES,
     ShardStats,
     encode_features,
+    finish_shard,
     index_urls,
     read_index,
     stats_from_json,
-    stats_to_json,
+    stats_path,
     write_index,
 )
 from sparqle.models.encoder import SpeechEncoder
@@ -168,12 +169,7 @@ def extract_shard(
             stats.samples += 1
             stats.seconds += duration
             stats.durations.append(round(duration, 3))
-    stats_path = path.with_name(path.name + ".stats.json")
-    tmp_stats = stats_path.with_name(f".{stats_path.name}.{os.getpid()}.tmp")
-    tmp_stats.write_text(stats_to_json(stats))
-    tmp.replace(path)
-    tmp_stats.replace(stats_path)
-    return stats
+    return finish_shard(tmp, path, stats)
 
 
 def _rank_world() -> tuple[int, int, int]:
@@ -204,7 +200,7 @@ def extract_features(
     paths = [out / f"{split}-{i:06d}.tar" for i in range(len(urls))]
 
     def done(i: int) -> bool:
-        return paths[i].is_file() and paths[i].with_name(paths[i].name + ".stats.json").is_file()
+        return paths[i].is_file() and stats_path(paths[i]).is_file()
 
     mine = [i for i in range(rank, len(urls), world) if not done(i)]
     for n, i in enumerate(mine):
@@ -215,7 +211,7 @@ def extract_features(
         )
     if not all(done(i) for i in range(len(urls))):
         return None
-    stats = [stats_from_json(p.with_name(p.name + ".stats.json").read_text()) for p in paths]
+    stats = [stats_from_json(stats_path(p).read_text()) for p in paths]
     return write_index(out / f"{split}.json", split, stats, encoder.sample_rate, record)
 
 

@@ -34,9 +34,10 @@ from sparqle.data.manifest import Utterance, read_manifest
 from sparqle.data.shards import (
     SHARD_PATTERN,
     ShardStats,
+    finish_shard,
     sample_metadata,
     stats_from_json,
-    stats_to_json,
+    stats_path,
     write_index,
 )
 
@@ -82,12 +83,7 @@ def write_shard(path: Path, utterances: list[Utterance]) -> ShardStats:
             stats.samples += 1
             stats.seconds += duration
             stats.durations.append(round(duration, 3))
-    stats_path = path.with_name(path.name + ".stats.json")
-    tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp")
-    tmp_stats.write_text(stats_to_json(stats))
-    tmp.replace(path)
-    tmp_stats.replace(stats_path)
-    return stats
+    return finish_shard(tmp, path, stats)
 
 
 def plan_shards(
@@ -187,9 +183,8 @@ def make_shards(
     stats: dict[int, ShardStats] = {}
     todo = []
     for i, path in enumerate(paths):
-        stats_path = path.with_name(path.name + ".stats.json")
-        if path.is_file() and stats_path.is_file():
-            stats[i] = stats_from_json(stats_path.read_text())
+        if path.is_file() and stats_path(path).is_file():
+            stats[i] = stats_from_json(stats_path(path).read_text())
         else:
             todo.append(i)
     if cluster and jobs > 1 and todo:

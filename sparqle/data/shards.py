@@ -152,6 +152,21 @@ def index_urls(path: str | Path) -> list[str]:
     ]
 
 
+def stats_path(shard: Path) -> Path:
+    """Where a finished shard's statistics sit: beside it, written last."""
+    return shard.with_name(shard.name + ".stats.json")
+
+
+def finish_shard(tmp: Path, shard: Path, stats: ShardStats) -> ShardStats:
+    """Rename a fully written shard into place, then its statistics: a shard whose statistics
+    exist is complete, so a rerun keeps it."""
+    tmp_stats = stats_path(shard).with_name(f".{stats_path(shard).name}.{os.getpid()}.tmp")
+    tmp_stats.write_text(stats_to_json(stats))
+    tmp.replace(shard)
+    tmp_stats.replace(stats_path(shard))
+    return stats
+
+
 def stats_to_json(stats: ShardStats) -> str:
     return json.dumps(asdict(stats))
 
