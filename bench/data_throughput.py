@@ -1,7 +1,7 @@
 """Data-path throughput: bare FLAC decoding (the ceiling) vs the full shard pipeline, per worker,
 over the same shards; and padding with duration bucketing vs random batching.
 
-    python bench/data_throughput.py [--shards DIR/train.json] [--n 600] [--repeats 3]
+    python bench/data_throughput.py [--shards DIR/train.json] [--n 600] [--repeats 3] [--profile]
 
 Without --shards it synthesises --n espeak-ng clips of ~12 s and shards them first (cached).
 """
@@ -9,8 +9,10 @@ Without --shards it synthesises --n espeak-ng clips of ~12 s and shards them fir
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import json
+import pstats
 import random
 import sys
 import tarfile
@@ -90,11 +92,47 @@ def librispeech_like_padding(n: int = 20000, seed: int = 0) -> tuple[float, floa
     )
 
 
+STAGES = {  # (file suffix, function) whose cumulative time is one stage of the full pipeline
+    "FLAC decode (libsndfile)": ("soundfile.py", "read"),
+    "tar stream + sample grouping (webdataset)": ("tariterators.py", "group_by_keys"),
+    "padded batch copy (collate)": ("collate.py", "collate"),
+}
+
+
+def profile(index: Path) -> None:
+    """Where the full pipeline's time goes beyond the bare decode, per stage, under cProfile."""
+    prof = cProfile.Profile()
+    prof.runcall(full_pipeline, index)
+    stats = pstats.Stats(prof).stats  # {(file, line, fn): (cc, nc, tottime, cumtime, callers)}
+    total = max(v[3] for k, v in stats.items() if k[2] == "full_pipeline")
+    print(f"profile of one full-pipeline pass: {total:.3f} s under cProfile")
+    accounted = 0.0
+    for name, (suffix, fn) in STAGES.items():
+        cum = max(
+            (v[3] for k, v in stats.items() if k[0].endswith(suffix) and k[2] == fn), default=0.0
+        )
+        accounted += cum
+        print(f"  {name:44s} {cum:7.3f} s  {cum / total:6.1%}")
+    rest = total - accounted
+    print(
+        f"  {'the rest (shuffle, bucketing, task choice, loader)':44s} {rest:7.3f} s  {rest / total:6.1%}"
+    )
+    prof = cProfile.Profile()
+    prof.runcall(bare_decode, expand_urls(str(index)))
+    stats = pstats.Stats(prof).stats
+    bare = max(v[3] for k, v in stats.items() if k[2] == "bare_decode")
+    dec = max(v[3] for k, v in stats.items() if k[0].endswith("soundfile.py") and k[2] == "read")
+    print(
+        f"bare decode under cProfile: {bare:.3f} s, of which FLAC decode {dec:.3f} s, tarfile {bare - dec:.3f} s"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=Path, default=None, help="a shard index .json")
     p.add_argument("--n", type=int, default=300, help="clips to synthesise without --shards")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also print where the time goes")
     args = p.parse_args()
     index = args.shards or ensure_shards(args.n)
     urls = expand_urls(str(index))
@@ -119,6 +157,8 @@ def main() -> None:
     print(
         f"padding, these shards      : bucketed {padded_fraction(lens):.1%}  random {padded_fraction([flat[i : i + bs] for i in range(0, len(flat), bs)]):.1%}"
     )
+    if args.profile:
+        profile(index)
     bucketed, rand = librispeech_like_padding()
     print(
         f"padding, LibriSpeech-like  : bucketed {bucketed:.1%}  random {rand:.1%}  (20k lengths, 240 s batches)"

@@ -9,6 +9,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+INTEGER_CODINGS = ("PCM_", "ULAW", "ALAW")  # libsndfile subtypes whose samples are integers
+
 
 class AudioError(ValueError):
     """A clip that cannot be used; the message names the file or sample."""
@@ -38,13 +40,17 @@ def load_audio(source: str | Path | bytes, target_sr: int, name: str | None = No
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        samples, sr = sf.read(handle, dtype="float32", always_2d=False)
+        with sf.SoundFile(handle) as f:
+            sr, exact = f.samplerate, f.subtype.startswith(INTEGER_CODINGS)
+            samples = f.read(dtype="float32", always_2d=False)
     except Exception as exc:  # soundfile raises several types for bad input
         raise AudioError(f"{label}: cannot decode audio ({exc})") from exc
     samples = to_mono_float(samples)
     if samples.size == 0:
         raise AudioError(f"{label}: empty audio")
-    if not np.isfinite(samples.sum()):  # one pass, no mask array; NaN and Inf propagate to the sum
+    # Integer codings (FLAC, PCM WAV) decode to finite floats by construction: no pass needed.
+    # Float WAV, Vorbis, MP3 can carry NaN/Inf: one pass, no mask array (both propagate to a sum).
+    if not exact and not np.isfinite(samples.sum()):
         raise AudioError(f"{label}: audio holds NaN or Inf")
     return resample(samples, sr, target_sr)
 
