@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,8 +88,12 @@ def build(
         " ".join(v) for v in INSTRUCTIONS.values()
     ]
     tokenizer = tiny_llm_tokenizer(vocab_size=1200, corpus=corpus)
+    # built beside `out` and moved there only when trained: a killed build must not leave a
+    # randomly initialised LLM where the demo's training looks for a taught one
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     save_llama(
-        out,
+        partial,
         tokenizer,
         hidden_size=192,
         intermediate_size=512,
@@ -98,7 +103,7 @@ def build(
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
-    llm = LLM(str(out), frozen=False)
+    llm = LLM(str(partial), frozen=False)
     model = llm.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -125,7 +130,9 @@ def build(
                 file=sys.stderr,
             )
     model.eval()
-    model.save_pretrained(out)
+    model.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     return {
         "loss": sum(losses[-50:]) / len(losses[-50:]),
         "exact_match": exact_match(llm, held[:60]),
