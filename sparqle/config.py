@@ -229,6 +229,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "stage.pretrain.temperature": _number(0, above=True),
     "stage.pretrain.max_text_tokens": _int(1),
     "stage.pretrain.label_smoothing": _number(0, 1),
+    "stage.pretrain.query_spread_weight": _number(0),
+    "stage.pretrain.query_spread_target": _number(0, above=True),
     "encoder.dtype": _one_of(*DTYPES),
     "encoder.sample_rate": _int(1),
     "encoder.cache_max_gb": _number(0, above=True),
@@ -314,6 +316,14 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.max_seconds={max_s}: must be at most encoder.whisper_window_seconds={window} "
             "(a longer clip would lose its end)"
         )
+    spread = OmegaConf.select(cfg, "stage.pretrain.query_spread_weight", default=0)
+    dropout = OmegaConf.select(cfg, "adapter.dropout", default=0)
+    if cfg.get("stage", {}).get("name") == "pretrain" and _is_number(spread) and spread > 0:
+        if _is_number(dropout) and dropout > 0:
+            raise ConfigError(
+                f"stage.pretrain.query_spread_weight={spread}: needs adapter.dropout=0 "
+                f"(is {dropout}): dropout's own noise would pass for spread between the queries"
+            )
     strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default="")
     devices, nodes = (
         cfg.get("trainer", {}).get("devices"),

@@ -431,7 +431,7 @@ class SparQLeModule(L.LightningModule):
         if standin:
             return loss * 0.0
         bs = len(batch["id"])
-        for k in ("loss", "itc", "itm", "itg"):
+        for k in ("loss", "itc", "itm", "itg", "query_spread"):
             if k in out:
                 self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=bs)
         if "temperature" in out:
@@ -520,7 +520,7 @@ class SparQLeModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         weight = 0 if batch.get("standin") else len(batch["id"])
         out = self._losses(batch)
-        for k in ("loss", "itc", "itm", "itg"):
+        for k in ("loss", "itc", "itm", "itg", "query_spread"):
             if k in out:
                 self._val_add(k, out[k], weight)
         if self.stage == "pretrain":

@@ -47,9 +47,16 @@ def test_data_throughput_bench(synth_data, tmp_path):
 
     make_shards(synth_data / "manifest.jsonl", tmp_path, "train", shard_size_mb=0.2)
     out = _run(
-        "bench/data_throughput.py", "--shards", str(tmp_path / "train.json"), "--repeats", "1"
+        "bench/data_throughput.py",
+        "--shards",
+        str(tmp_path / "train.json"),
+        "--repeats",
+        "1",
+        "--profile",
     )
     for line in (
+        "FLAC decode (libsndfile)",
+        "tar stream + sample grouping",
         "bare FLAC decode",
         "full shard pipeline",
         "ratio",
@@ -57,6 +64,17 @@ def test_data_throughput_bench(synth_data, tmp_path):
         "padding, LibriSpeech-like",
     ):
         assert line in out
+
+
+def test_query_spread_bench(trained, synth_data, tmp_path):
+    from data_prep.make_shards import make_shards
+
+    make_shards(synth_data / "val.jsonl", tmp_path, "val", shard_size_mb=0.2)
+    ckpt = trained / "model.ckpt"
+    out = _run("bench/query_spread.py", "--shards", str(tmp_path / "val.json"), str(ckpt))
+    row = next(line for line in out.splitlines() if line.startswith(str(ckpt)))
+    stage, value = row.split()[1:3]
+    assert stage == "instruct" and 0.0 < float(value) < 100.0
 
 
 def test_eval_throughput_bench(tiny_dir):

@@ -33,6 +33,14 @@ BAD = [
         "encoder=whisper_medium encoder.whisper_window_seconds=45",
         "encoder.whisper_window_seconds=45: expected a number > 0 and <= 30 or null",
     ),
+    (
+        "stage=pretrain stage.pretrain.query_spread_weight=1",
+        "stage.pretrain.query_spread_weight=1: needs adapter.dropout=0 (is 0.1)",
+    ),
+    (
+        "stage=pretrain stage.pretrain.query_spread_target=0",
+        "stage.pretrain.query_spread_target=0: expected a number > 0",
+    ),
 ]
 
 

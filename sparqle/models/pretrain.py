@@ -5,6 +5,10 @@
 - ITM: binary matching on query outputs, hard negatives drawn from the ITC similarities
   over the batch gathered from every rank, as BLIP-2 does.
 - ITG: transcript generation from the queries, `[DEC]` first, causal text mask.
+- Optional, not in BLIP-2 (`query_spread_weight`, default 0): VICReg's variance hinge across
+  the queries of each utterance. None of the three losses needs the queries to differ, and a
+  short stage 1 can let the queries' self-attention average them into one vector repeated
+  Nq times, which stage 2 then has to pull apart again (docs/paper_recipe.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def generation_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def query_spread(query_out: torch.Tensor) -> torch.Tensor:
+    """(B, Nq, H) -> (B, H): per utterance and channel, the standard deviation across queries;
+    near 0 when every query carries the same vector (collapse)."""
+    return (query_out.float().var(dim=1, unbiased=False) + 1e-4).sqrt()
+
+
 class SpeechTextPretrainer(nn.Module):
     """The stage-1 heads. The Q-Former itself is passed in, so it is owned (and saved) once."""
 
@@ -43,8 +53,16 @@ class SpeechTextPretrainer(nn.Module):
         temperature: float = 0.07,
         max_text_tokens: int = 100,
         label_smoothing: float = 0.1,
+        query_spread_weight: float = 0.0,
+        query_spread_target: float = 0.5,
     ) -> None:
         super().__init__()
+        if query_spread_weight < 0 or query_spread_target <= 0:
+            raise ValueError(
+                "stage.pretrain.query_spread_weight must be >= 0 and query_spread_target > 0"
+            )
+        self.query_spread_weight = query_spread_weight
+        self.query_spread_target = query_spread_target
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
         self.dec_token_id = self.tokenizer.convert_tokens_to_ids(DEC_TOKEN)
@@ -143,11 +161,17 @@ class SpeechTextPretrainer(nn.Module):
             ignore_index=-100,
             label_smoothing=self.label_smoothing,
         )
+        spread = query_spread(query_out)
+        loss = itc + itm + itg
+        if self.query_spread_weight > 0:
+            hinge = F.relu(self.query_spread_target - spread).mean()
+            loss = loss + self.query_spread_weight * hinge
         return {
             "itc": itc,
             "itm": itm,
             "itg": itg,
-            "loss": itc + itm + itg,
+            "loss": loss,
+            "query_spread": spread.detach().mean(),
             "sim_s2t": sim_s2t.detach(),
             "itc_targets": targets,
             "temperature": self.temp.detach().squeeze().clone(),  # FSDP frees the gathered one

@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from sparqle.models.pretrain import SpeechTextPretrainer, generation_mask
+from sparqle.models.pretrain import SpeechTextPretrainer, generation_mask, query_spread
 from sparqle.models.qformer import SpeechQFormer
 
 
@@ -93,3 +94,33 @@ def test_dec_row_starts_like_a_new_bert_token(tiny):
     assert dec.shape[0] == 1
     assert dec.std().item() < 3 * qf.config.initializer_range
     assert dec.abs().max().item() < 8 * qf.config.initializer_range
+
+
+def test_query_spread_sees_collapse_and_its_hinge_keeps_queries_apart(tiny):
+    assert query_spread(torch.randn(2, 1, 8).expand(2, 4, 8)).max() < 0.02  # one vector, 4 times
+    assert query_spread(torch.randn(2, 4, 8)).mean() > 0.5
+    features, mask = torch.randn(4, 20, 32), torch.ones(4, 20, dtype=torch.bool)
+    texts = ["The dog sleeps.", "A cat runs now.", "The green car.", "Hello there."]
+    spread = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        qf = SpeechQFormer(32, num_queries=4, bert=tiny["bert"], dropout=0.0)
+        with torch.no_grad():  # nearly collapsed from the start: one query token, jittered
+            qf.query_tokens.copy_(qf.query_tokens[:, :1] + 1e-3 * torch.randn_like(qf.query_tokens))
+        heads = SpeechTextPretrainer(
+            qf, tiny["bert"], embed_dim=16, query_spread_weight=weight, query_spread_target=0.5
+        )
+        opt = torch.optim.AdamW([*qf.parameters(), *heads.parameters()], lr=3e-3)
+        for _ in range(30):
+            out = heads(qf, features, mask, texts)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        spread[weight] = heads(qf, features, mask, texts)["query_spread"].item()
+    assert spread[1.0] >= 0.5 and spread[1.0] > 2 * spread[0.0], spread  # at its target
+
+
+def test_query_spread_options_checked(tiny):
+    qf = SpeechQFormer(32, num_queries=4, bert=tiny["bert"])
+    with pytest.raises(ValueError, match="query_spread_weight"):
+        SpeechTextPretrainer(qf, tiny["bert"], query_spread_weight=-1.0)
