@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,20 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparqle.data.shard_datamodule import ShardDataModule  # noqa: E402
+from sparqle.evaluation import load_model  # noqa: E402
 from sparqle.models.pretrain import query_spread  # noqa: E402
 from sparqle.module import SparQLeModule  # noqa: E402
 
 COLLAPSED = 0.05
-
-
-def load(path: Path) -> SparQLeModule:
-    hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
-    stage = {**hparams["stage"], "init_from": None}  # the weights are in the checkpoint
-    with warnings.catch_warnings():  # the frozen encoder/LLM are absent from it by design
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
-        return SparQLeModule.load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, stage=stage
-        ).eval()
 
 
 @torch.no_grad()
@@ -60,7 +50,7 @@ def main() -> None:
         raise SystemExit(f"error: --shards {args.shards}: no clips to read")
     print(f"{'checkpoint':70s} {'stage':9s} query spread")
     for path in args.checkpoints:
-        module = load(path)
+        module = load_model(path, generates=False)
         s = spread(module, batches)
         flag = "  collapsed" if s < COLLAPSED else ""
         print(f"{str(path):70s} {module.stage:9s} {s:.3f}{flag}")

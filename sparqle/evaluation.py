@@ -44,8 +44,9 @@ def task_key(spec: str) -> str:
     return "asr" if task == "transcribe" else f"translate_{lang}"
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A SparQLeModule from a trainable-only export folder or a full training checkpoint."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", generates: bool = True):
+    """A SparQLeModule from a trainable-only export folder or a full training checkpoint;
+    `generates=False` also accepts a stage-1 one (no LLM: for looking at its Q-Former)."""
     from sparqle.export import WEIGHTS, load_exported
     from sparqle.module import SparQLeModule
 
@@ -64,7 +65,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             )
     else:
         raise FileNotFoundError(f"ckpt={path}: neither a checkpoint file nor an export folder")
-    if module.stage != "instruct":
+    if generates and module.stage != "instruct":
         raise ValueError(
             f"ckpt={path}: a stage-{module.stage} model cannot generate text; evaluate a stage-instruct one"
         )
