@@ -2,9 +2,11 @@
 deviation across one utterance's query outputs, averaged) on held-out clips, dropout off.
 
     python bench/query_spread.py --shards data/demo/shards/val.json CKPT [CKPT ...]
+    python bench/query_spread.py --shards data/demo/shards/val.json --layers CKPT
 
 Near 0.01 (the floor of `query_spread`) the queries have collapsed into one vector repeated
 Nq times: the LLM then reads one vector however many queries there are (docs/paper_recipe.md).
+`--layers` adds the spread after each Q-Former layer: where the collapse starts.
 Works on stage-1 and stage-2 checkpoints alike.
 """
 
@@ -29,12 +31,28 @@ COLLAPSED = 0.05
 
 
 @torch.no_grad()
-def spread(module: SparQLeModule, batches: list[dict]) -> float:
-    values = []
-    for batch in batches:
-        enc = module.model.encode(batch["audio"], batch["audio_lens"])
-        values.append(query_spread(module.model.adapter.qformer(enc.features, enc.mask)).mean())
-    return float(torch.stack(values).mean())
+def spread(module: SparQLeModule, batches: list[dict]) -> list[float]:
+    """[after layer 1, ..., after the last layer] (the last is the output the LLM reads)."""
+    qformer = module.model.adapter.qformer
+    outs: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output) -> None:
+        outs.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [layer.register_forward_hook(keep) for layer in qformer.qformer.encoder.layer]
+    per_batch = []
+    try:
+        for batch in batches:
+            outs.clear()
+            enc = module.model.encode(batch["audio"], batch["audio_lens"])
+            qformer(enc.features, enc.mask)
+            per_batch.append(
+                [float(query_spread(o[:, : qformer.num_queries]).mean()) for o in outs]
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    return [sum(v) / len(v) for v in zip(*per_batch, strict=True)]
 
 
 def main() -> None:
@@ -42,6 +60,7 @@ def main() -> None:
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--shards", required=True, help="a shard index .json of held-out clips")
     p.add_argument("--batches", type=int, default=2, help="batches of 16 clips")
+    p.add_argument("--layers", action="store_true", help="also the spread after each layer")
     args = p.parse_args()
     dm = ShardDataModule(val={"urls": args.shards}, batch_size=16, num_workers=0)
     dm.setup("validate")
@@ -51,9 +70,12 @@ def main() -> None:
     print(f"{'checkpoint':70s} {'stage':9s} query spread")
     for path in args.checkpoints:
         module = load_model(path, generates=False)
-        s = spread(module, batches)
+        by_layer = spread(module, batches)
+        s = by_layer[-1]
         flag = "  collapsed" if s < COLLAPSED else ""
         print(f"{str(path):70s} {module.stage:9s} {s:.3f}{flag}")
+        if args.layers:
+            print("  after layer " + "  ".join(f"{i}: {v:.3f}" for i, v in enumerate(by_layer, 1)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,10 +72,16 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
 
     make_shards(synth_data / "val.jsonl", tmp_path, "val", shard_size_mb=0.2)
     ckpt = trained / "model.ckpt"
-    out = _run("bench/query_spread.py", "--shards", str(tmp_path / "val.json"), str(ckpt))
-    row = next(line for line in out.splitlines() if line.startswith(str(ckpt)))
-    stage, value = row.split()[1:3]
+    out = _run(
+        "bench/query_spread.py", "--shards", str(tmp_path / "val.json"), "--layers", str(ckpt)
+    )
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(str(ckpt)))
+    stage, value = lines[i].split()[1:3]
     assert stage == "instruct" and 0.0 < float(value) < 100.0
+    # one value per Q-Former layer; the last layer's output is what the LLM reads
+    by_layer = [float(v) for v in re.findall(r"\d+: ([0-9.]+)", lines[i + 1])]
+    assert len(by_layer) == 2 and by_layer[-1] == float(value), lines[i + 1]
 
 
 def test_eval_throughput_bench(tiny_dir):
