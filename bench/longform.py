@@ -111,7 +111,7 @@ def main() -> None:
     )
     seconds = [len(x) / sr for x in recordings]
     print(
-        f"{len(utts)} held-out clips; {len(recordings)} recordings of {args.per_recording} "
+        f"{len(utts)} clips of --manifest; {len(recordings)} recordings of {args.per_recording} "
         f"({min(seconds):.0f}-{max(seconds):.0f} s), pieces <= {limit:.1f} s "
         f"(the checkpoint's longest training clip); {time.time() - start:.0f} s"
     )

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,26 @@ def test_short_demo_learns_to_transcribe(tmp_path):
     print(f"short demo: loss {first:.2f} -> {last:.2f}, training-set WER {wer:.1%}")
     assert last < LOSS_RATIO * first, (first, last)
     assert wer < WER_THRESHOLD, wer
+
+    # Long audio: the same clips joined with pauses, cut at the pauses and decoded piece by piece
+    # (as eval.py and sparqle.transcribe do), must read as well as clip by clip: nothing dropped.
+    out = _run(
+        "bench/longform.py",
+        "--ckpt",
+        str(logs / "instruct" / "checkpoints" / "last.ckpt"),
+        "--manifest",
+        str(manifest),
+        "--per-recording",
+        "6",
+        "--recordings",
+        "2",
+    ).stdout
+    per_clip, long_form = (
+        float(re.search(rf"{name} WER +([0-9.]+) %", out).group(1))
+        for name in ("per-clip", "long-form")
+    )
+    print(out)
+    assert abs(long_form - per_clip) <= 5.0, out
 
 
 WER_THRESHOLD = 0.8
