@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -79,9 +81,31 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
     i = next(i for i, line in enumerate(lines) if line.startswith(str(ckpt)))
     stage, value = lines[i].split()[1:3]
     assert stage == "instruct" and 0.0 < float(value) < 100.0
-    # one value per Q-Former layer; the last layer's output is what the LLM reads
     by_layer = [float(v) for v in re.findall(r"\d+: ([0-9.]+)", lines[i + 1])]
-    assert len(by_layer) == 2 and by_layer[-1] == float(value), lines[i + 1]
+    assert len(by_layer) == 2, lines[i + 1]  # the tiny Q-Former's layers
+
+    # the last layer's hooked output is the Q-Former's own output, the one the LLM reads
+    import importlib.util
+
+    import torch
+
+    from sparqle.data.shard_datamodule import ShardDataModule
+    from sparqle.evaluation import load_model
+    from sparqle.models.pretrain import query_spread
+
+    spec = importlib.util.spec_from_file_location(
+        "query_spread_bench", ROOT / "bench" / "query_spread.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dm = ShardDataModule(val={"urls": str(tmp_path / "val.json")}, batch_size=4, num_workers=0)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    module = load_model(ckpt, generates=False)
+    with torch.no_grad():
+        enc = module.model.encode(batch["audio"], batch["audio_lens"])
+        direct = float(query_spread(module.model.adapter.qformer(enc.features, enc.mask)).mean())
+    assert bench.spread(module, [batch])[-1] == pytest.approx(direct, rel=1e-6)
 
 
 def test_eval_throughput_bench(tiny_dir):
