@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sparqle.data.audio import AudioError, load_audio
@@ -177,6 +178,10 @@ class ManifestDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            # each new epoch's iterator draws its workers' base seed from here, not from the global
+            # stream a checkpoint saves: a run resumed at an epoch boundary creates that iterator
+            # before the stream is restored, and would otherwise be one draw off the uninterrupted run
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def eval_dataloader(self, task: str, batch_size: int | None = None) -> DataLoader:
