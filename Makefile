@@ -91,7 +91,7 @@ demo: setup
 	@step="3 text-only LLM"; $(TIMED) $(PY) -m demo.text_llm --out .cache/demo-text-llm --steps 300 \
 	  --exclude $(DEMO_DIR)/val.jsonl
 	@step="4 stage 1 (Q-Former: ITC+ITM+ITG)"; $(TIMED) $(PY) train.py experiment=demo stage=pretrain $(DEMO_OVERRIDES) \
-	  trainer.max_steps=$(DEMO_STAGE1_STEPS) trainer.val_check_interval=50 hydra.run.dir=$(DEMO_LOGS)/pretrain
+	  trainer.max_steps=$(DEMO_STAGE1_STEPS) val_every_n_steps=50 hydra.run.dir=$(DEMO_LOGS)/pretrain
 	@step="5 stage 2 (English speech -> English text)"; $(TIMED) $(PY) train.py experiment=demo stage=instruct $(DEMO_OVERRIDES) \
 	  trainer.max_steps=$(DEMO_STAGE2_STEPS) stage.init_from=$(DEMO_LOGS)/pretrain/checkpoints/last.ckpt \
 	  hydra.run.dir=$(DEMO_LOGS)/instruct

@@ -12,7 +12,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sparqle.cli import USER_ERRORS, report_user_errors  # noqa: E402
 from sparqle.config import (  # noqa: E402
@@ -23,6 +23,7 @@ from sparqle.config import (  # noqa: E402
     module_kwargs,
     validate_config,
 )
+from sparqle.lifecycle import StopOnSignal, resolve_resume, wandb_run_id  # noqa: E402
 from sparqle.module import SparQLeModule, TrainingDiverged  # noqa: E402
 
 log = logging.getLogger("sparqle.train")
@@ -36,8 +37,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_init_from(cfg)
     features = check_features(cfg)  # feature shards: their encoder is this config's
     L.seed_everything(cfg.seed, workers=True)
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    checkpoints = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+    resume = resolve_resume(cfg.ckpt_path, checkpoints or f"{cfg.paths.output_dir}/checkpoints")
+    loggers = [instantiate(c, **logger_run(c, cfg)) for c in (cfg.logger or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    for callback in callbacks:
+        if isinstance(callback, StopOnSignal):
+            callback.resume_from = resume  # every rank's choice is compared once they connect
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     module = SparQLeModule(**module_kwargs(cfg), features=features)
     measured = {}
@@ -50,8 +56,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info(
         "stage=%s: %.2fM of %.2fM parameters trainable", cfg.stage.name, n_train / 1e6, n_all / 1e6
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def logger_run(logger: DictConfig, cfg: DictConfig) -> dict[str, str]:
+    """A wandb logger resumes the run directory's own wandb run (a requeued job logs on)."""
+    if not str(logger.get("_target_", "")).endswith("WandbLogger") or logger.get("id"):
+        return {}
+    return {"id": wandb_run_id(cfg.paths.output_dir), "resume": "allow"}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

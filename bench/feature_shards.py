@@ -128,7 +128,7 @@ def main() -> None:
                     *init,
                     *data,
                     f"trainer.max_steps={args.steps}",
-                    "trainer.val_check_interval=1000",
+                    "val_every_n_steps=1000",
                     "trainer.limit_val_batches=0",
                     f"hydra.run.dir={run_dir}",
                 ],

@@ -52,7 +52,7 @@ def main() -> None:
             "stage=pretrain",
             f"seed={seed}",
             f"trainer.max_steps={args.steps}",
-            "trainer.val_check_interval=1000000",
+            "val_every_n_steps=1000000",
             "trainer.limit_val_batches=0",
             f"paths.data_dir={ROOT / 'data' / 'demo'}",
             f"paths.cache_dir={ROOT / '.cache'}",

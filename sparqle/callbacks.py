@@ -1,4 +1,4 @@
-"""Lightning callbacks: throughput/MFU, run provenance, checkpoint on SIGTERM."""
+"""Lightning callbacks: throughput/MFU and run provenance (stop signals: sparqle/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 PACKAGES = (
@@ -128,14 +127,3 @@ class RunInfo(L.Callback):
         (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         for logger in trainer.loggers:
             logger.log_hyperparams({"run": info})
-
-
-class CheckpointOnSigterm(L.Callback):
-    """Lightning stops cleanly on SIGTERM (preemption, scancel); save `last.ckpt` first."""
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
-            return
-        path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        trainer.save_checkpoint(path)
-        log.warning("SIGTERM: saved %s at step %d", path, trainer.global_step)

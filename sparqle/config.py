@@ -29,16 +29,33 @@ def _cpu_bf16(native: str, otherwise: str) -> str:
     return native if cpu_has_native_bf16() else otherwise
 
 
+def _run_id(run_name: str | None = None) -> str:
+    from sparqle.lifecycle import run_id
+
+    return run_id(run_name)
+
+
+def _mul(a: Any, b: Any) -> Any:
+    return a * b
+
+
 def register_resolvers() -> None:
     """`${tiny:KIND,ROOT}`: a tiny random model, built on first use; `${packaged:NAME,ROOT}`: a
     real pretrained part shipped in a PyPI package, converted on first use;
-    `${cpu_bf16:A,B}`: A where the CPU has bf16 maths in hardware, else B."""
+    `${cpu_bf16:A,B}`: A where the CPU has bf16 maths in hardware, else B;
+    `${run_id:NAME}`: the run directory's name, from NAME or the launcher (sparqle/lifecycle.py),
+    cached so a Hydra sweep's jobs keep the name the launching host gave;
+    `${mul:A,B}`: A x B (optimizer steps -> batches)."""
     if not OmegaConf.has_resolver("tiny"):
         OmegaConf.register_new_resolver("tiny", _tiny, use_cache=True)
     if not OmegaConf.has_resolver("packaged"):
         OmegaConf.register_new_resolver("packaged", _packaged, use_cache=True)
     if not OmegaConf.has_resolver("cpu_bf16"):
         OmegaConf.register_new_resolver("cpu_bf16", _cpu_bf16, use_cache=True)
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", _mul)
 
 
 def training_tasks(data: DictConfig) -> list[str]:
@@ -262,6 +279,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "trainer.gradient_clip_val": _number(0, null=True),
     "trainer.precision": _one_of(*PRECISIONS),
     "trainer.val_check_interval": _number(0, above=True, null=True),
+    "val_every_n_steps": _int(1),
     "trainer.log_every_n_steps": _int(1),
     "generation.num_beams": _int(1, null=True),
     "generation.max_new_tokens": _int(1, null=True, words=("auto",)),
@@ -303,6 +321,24 @@ def validate_group(cfg: DictConfig, group: str) -> None:
     _check(cfg, {k: v for k, v in RULES.items() if k.startswith(f"{group}.")})
 
 
+def _check_cadence(cfg: DictConfig) -> None:
+    """Validation and checkpoints count optimizer steps (`val_every_n_steps`); Lightning's
+    `trainer.val_check_interval` counts batches and follows from it. Set by hand to another
+    value, checkpoints would miss validations under gradient accumulation."""
+    trainer = cfg.get("trainer")
+    if trainer is None or "val_every_n_steps" not in cfg or "val_check_interval" not in trainer:
+        return
+    if OmegaConf.is_interpolation(trainer, "val_check_interval"):
+        return
+    every, accumulate = cfg.val_every_n_steps, trainer.get("accumulate_grad_batches", 1)
+    if trainer.val_check_interval != every * accumulate:
+        raise ConfigError(
+            f"trainer.val_check_interval={trainer.val_check_interval}: set val_every_n_steps "
+            f"(optimizer steps; validation every val_every_n_steps x accumulate_grad_batches "
+            f"batches, a checkpoint after each) instead"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check every known key of a composed config before anything is built, so a wrong type or
     range stops at once with one line naming the key and what it must be."""
@@ -324,6 +360,7 @@ def validate_config(cfg: DictConfig) -> None:
                 f"stage.pretrain.query_spread_weight={spread}: needs adapter.dropout=0 "
                 f"(is {dropout}): dropout's own noise would pass for spread between the queries"
             )
+    _check_cadence(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default="")
     devices, nodes = (
         cfg.get("trainer", {}).get("devices"),

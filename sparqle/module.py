@@ -54,11 +54,17 @@ class TrainingDiverged(RuntimeError):
 
 class StepSkips:
     """Which optimizer steps are skipped, kept on the device: flags accumulate over a step's
-    micro-batches, are reduced over ranks, and are read on the host once per logging interval."""
+    micro-batches, are reduced over ranks, and are read on the host once per logging interval.
+
+    `riders`: flags other parts of the run send along on the same all-reduce (a max over ranks),
+    so they cost no collective of their own (the stop signals of sparqle/lifecycle.py);
+    `reduced_riders` holds them after each step's reduction."""
 
     def __init__(self) -> None:
         self.pending: torch.Tensor | None = None
         self.run = self.longest = self.total = None
+        self.riders: torch.Tensor | None = None
+        self.reduced_riders: torch.Tensor | None = None
 
     def note(self, bad: torch.Tensor) -> None:
         bad = bad.float()
@@ -67,7 +73,12 @@ class StepSkips:
     def decide(self, device: torch.device) -> torch.Tensor:
         """1.0 if any rank flagged this step, else 0.0 (a device collective, no host read)."""
         zero = torch.zeros((), device=device)
-        skip = all_reduce_max(self.pending if self.pending is not None else zero)
+        pending = self.pending if self.pending is not None else zero
+        if self.riders is None:
+            skip = all_reduce_max(pending)
+        else:
+            reduced = all_reduce_max(torch.cat([pending.reshape(1), self.riders]))
+            skip, self.reduced_riders = reduced[0], reduced[1:]
         self.pending = None
         if self.total is None:
             self.run, self.longest, self.total = zero, zero, zero
@@ -628,7 +639,19 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # one state per device the saving rank saw; an allocation with another device count
+        # restores the devices both have (a rank uses its own, the first ones)
+        saved, visible = list(rng["cuda"]), torch.cuda.device_count()
+        if len(saved) != visible:
+            log.warning(
+                "checkpoint holds CUDA random states for %d device(s), this process sees %d: "
+                "restoring the first %d",
+                len(saved),
+                visible,
+                min(len(saved), visible),
+            )
+        for device, state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(state, device)
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))

@@ -18,7 +18,7 @@ def test_dashboards_offline_wandb_table_throughput_and_run_info(tiny_dir, synth_
             "stage=instruct",
             "logger=wandb",
             "trainer.max_steps=6",
-            "trainer.val_check_interval=3",
+            "val_every_n_steps=3",
             "trainer.log_every_n_steps=2",
             f"paths.cache_dir={tiny_dir}",
             f"hydra.run.dir={tmp_path}",

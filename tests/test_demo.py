@@ -69,7 +69,7 @@ def test_short_demo_learns_to_transcribe(tmp_path):
         "stage=instruct",
         "trainer.max_steps=150",
         "trainer.log_every_n_steps=5",
-        "trainer.val_check_interval=1000",
+        "val_every_n_steps=1000",
         "trainer.limit_val_batches=0",
         "stage.optim.lr=5e-4",
         # no stage 1 here, so the demo's 10x for a fresh cross-attention would apply (5e-3): the

@@ -26,7 +26,7 @@ def _train_cmd(tiny_dir, synth_data, run_dir, stage, *extra):
         f"data.val_manifest={synth_data / 'val.jsonl'}",
         f"hydra.run.dir={run_dir}",
         "callbacks.progress_bar=null",
-        "trainer.val_check_interval=6",
+        "val_every_n_steps=6",
         *extra,
     ]
 

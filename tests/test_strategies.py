@@ -326,7 +326,7 @@ def test_uneven_shards_on_two_ranks_stream_equal_epochs(tiny_dir, synth_data, tm
                 *ON_TWO_CPUS,
                 "data.num_workers=1",
                 "trainer.max_steps=4",
-                "trainer.val_check_interval=2",
+                "val_every_n_steps=2",
                 "data.max_seconds_per_batch=8",
                 f"paths.cache_dir={tiny_dir}",
                 f"data.train.main.urls={tmp_path / 'shards' / 'train.json'}",

@@ -45,7 +45,7 @@ def test_multirun_sweep_through_submitit(tiny_dir, synth_data, tmp_path):
             "stage=instruct",
             "adapter=tiny,linear",
             "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
+            "val_every_n_steps=3",
             "ckpt_path=last",
             f"paths.cache_dir={tiny_dir}",
             f"paths.log_dir={tmp_path}",

@@ -1,9 +1,8 @@
 """`data=shards`: stream webdataset shards (local paths or pipe: URLs) onto every rank and worker.
 
-shards -> split over workers (training on several ranks: resampled per rank) -> tar samples
--> shuffle -> metadata + task choice (no decoding yet) -> mix sources by weight
--> duration-bucketed batches (on the metadata's `duration`) -> decode -> collate.
-Bad samples are skipped and counted per reason; the counts ride along in each batch.
+Training: sparqle/data/shard_stream.py (deterministic per rank and worker, resumable mid-epoch;
+the checkpoint holds every rank's position). Bad samples are skipped and counted per reason; the
+counts ride along in each batch.
 
 Evaluation on several ranks: every rank forms the same batches and decodes only its share of
 each (item i of a batch goes to rank i % world), so all ranks step the same number of times and
@@ -12,56 +11,32 @@ together see exactly what one process would.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import multiprocessing
 import random
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from functools import partial
-from multiprocessing.context import get_spawning_popen
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 import webdataset as wds
 
-from sparqle.data.audio import AudioError, load_audio
 from sparqle.data.bucketing import bucket_batches
-from sparqle.data.collate import collate
-from sparqle.data.shards import (
-    FEATURE_IDENTITY,
-    FEATURES,
-    decode_features,
-    index_urls,
-    metadata_to_utterance,
-    read_index,
+from sparqle.data.shard_stream import (
+    Epoch,
+    PositionLog,
+    SkipCounter,
+    StreamPosition,
+    TrainStream,
+    batches_with_counts,
+    decode_batch,
+    parse_samples,
 )
+from sparqle.data.shards import FEATURE_IDENTITY, index_urls, read_index
 from sparqle.data.tasks import TaskSampler
 
 log = logging.getLogger(__name__)
-AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg")
-
-
-class SkipCounter:
-    """Counts what the pipeline drops, by reason; lives in one worker process."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def add(self, reason: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        log.warning("skipping %s: %s", reason, detail)
-
-    def shard_error(self, exc: Exception) -> bool:
-        """webdataset handler: count an unreadable/truncated shard and go on."""
-        self.add("unreadable shard", repr(exc))
-        return True
-
-    def pop(self) -> dict[str, int]:
-        out, self.counts = dict(self.counts), Counter()
-        return out
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -124,163 +99,6 @@ def describe_features(record: dict[str, Any]) -> str:
     )
 
 
-def _worker_index() -> int:
-    info = torch.utils.data.get_worker_info()
-    return 0 if info is None else info.id
-
-
-def parse_samples(
-    raw: Iterable[dict[str, Any]],
-    sample_rate: int,
-    tasks: TaskSampler,
-    counter: SkipCounter,
-    train: bool,
-    min_seconds: float = 0.0,
-    max_seconds: float | None = None,
-    epoch: int = 0,
-) -> Iterator[dict[str, Any]]:
-    """Tar members -> candidates with metadata, task and duration; the audio stays encoded
-    (decoded here only for the rare sample whose metadata has no duration)."""
-    rng = random.Random(f"{torch.initial_seed()}:{epoch}") if train else None
-    for s in raw:
-        where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
-        ext = next((e for e in (*AUDIO_EXTENSIONS, FEATURES) if e in s), None)
-        try:
-            meta = json.loads(s["json"])
-        except (KeyError, ValueError, TypeError):
-            counter.add("bad metadata", where)
-            continue
-        if ext is None:
-            counter.add("no audio", where)
-            continue
-        utt = metadata_to_utterance(meta, s["__key__"])
-        choice = tasks.choose(utt, rng)
-        if choice is None or not choice.target.strip():
-            counter.add("no text", where)
-            continue
-        cand = {"where": where, "utt": utt, "choice": choice, "target": choice.target}
-        if ext == FEATURES:
-            if not isinstance(meta.get("duration"), (int, float)):
-                counter.add("bad metadata", f"{where} (no duration)")
-                continue
-            cand.update(features=s[ext], seconds=float(meta["duration"]))
-        elif isinstance(meta.get("duration"), (int, float)):
-            cand.update(encoded=s[ext], seconds=float(meta["duration"]))
-        else:
-            audio = _decode(s[ext], sample_rate, where, counter)
-            if audio is None:
-                continue
-            cand.update(audio=audio, seconds=len(audio) / sample_rate)
-        if cand["seconds"] < min_seconds or (
-            max_seconds is not None and cand["seconds"] > max_seconds
-        ):
-            counter.add("duration out of range", f"{where} ({cand['seconds']:.2f} s)")
-            continue
-        yield cand
-
-
-def _decode(encoded: bytes, sample_rate: int, where: str, counter: SkipCounter):
-    try:
-        return load_audio(encoded, sample_rate, name=where)
-    except AudioError as exc:
-        msg = str(exc)
-        counter.add(
-            "empty audio"
-            if "empty" in msg
-            else "NaN audio"
-            if "NaN" in msg
-            else "undecodable audio",
-            where,
-        )
-        return None
-
-
-def decode_batch(
-    cands: list[dict[str, Any]],
-    sample_rate: int,
-    counter: SkipCounter,
-    feature_dim: int | None = None,
-) -> list[dict[str, Any]]:
-    out = []
-    for c in cands:
-        if "features" in c:
-            try:
-                if feature_dim is None:
-                    raise ValueError("features where the sources' indexes record none")
-                feats = decode_features(c["features"], feature_dim)
-            except ValueError as exc:
-                counter.add(
-                    "NaN features" if "NaN" in str(exc) else "bad features", f"{c['where']}: {exc}"
-                )
-                continue
-            samples = round(c["seconds"] * sample_rate)
-            out.append(c["choice"].feature_sample(c["utt"], feats, samples))
-            continue
-        audio = c.get("audio")
-        if audio is None:
-            audio = _decode(c["encoded"], sample_rate, c["where"], counter)
-        if audio is not None:
-            out.append(c["choice"].sample(c["utt"], audio))
-    return out
-
-
-def batches_with_counts(
-    batches: Iterable[list[dict]], counter: SkipCounter
-) -> Iterator[dict[str, Any]]:
-    """Collate, attaching the skips seen so far; one batch is held back so none are lost at the end."""
-    held = None
-    for b in batches:
-        if held is not None:
-            yield _finish(held, counter)
-        held = b
-    if held is not None:
-        yield _finish(held, counter)
-
-
-def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
-    batch = collate(samples)
-    batch["skipped"] = counter.pop()
-    batch["num_skipped"] = sum(batch["skipped"].values())
-    return batch
-
-
-class _Epoch:
-    """The epoch number, in shared memory so that persistent loader workers, which keep their
-    copy of the pipeline from one epoch to the next, read the number the trainer set."""
-
-    def __init__(self) -> None:
-        self._shared = multiprocessing.RawValue("q", 0)
-
-    @property
-    def value(self) -> int:
-        return self._shared.value
-
-    @value.setter
-    def value(self, epoch: int) -> None:
-        self._shared.value = epoch
-
-    def __getstate__(self) -> dict:
-        # shared memory travels only to the processes being started (loader workers); any other
-        # copy (a pickled DataModule) takes the number as it stands
-        if get_spawning_popen() is None:
-            return {"plain": self.value}
-        return {"shared": self._shared}
-
-    def __setstate__(self, state: dict) -> None:
-        if "shared" in state:
-            self._shared = state["shared"]
-        else:
-            self.__init__()
-            self.value = state["plain"]
-
-
-def _shard_order(shards: Iterable[dict], seed: int, epoch: _Epoch) -> Iterator[dict]:
-    """Every shard once, in an order fixed by (seed, epoch): another order each epoch."""
-    shards = list(shards)
-    random.Random(f"{seed}:{epoch.value}").shuffle(shards)
-    yield from shards
-
-
 class ShardDataModule(L.LightningDataModule):
     """Sources are named: {name: {urls, weight, tasks}}; `urls` is an index .json, a brace
     pattern or pipe: URLs; a source without `tasks` trains on `data.tasks`. `resampled: true` draws shards with replacement (infinite streams,
@@ -335,7 +153,9 @@ class ShardDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.resampled = resampled
         self.seed = seed
-        self._epoch = _Epoch()
+        self._epoch = Epoch()
+        self._resume: StreamPosition | None = None
+        self._positions: PositionLog | None = None
         for name, src in self.train_sources.items():
             if "urls" not in src:
                 raise ValueError(f"data.train.{name}.urls is not set")
@@ -369,96 +189,80 @@ class ShardDataModule(L.LightningDataModule):
             return True
         return self.resampled
 
-    def _source(
-        self, src: Mapping[str, Any], train: bool, counter: SkipCounter, resampled: bool = False
-    ) -> wds.DataPipeline:
-        urls = expand_urls(src["urls"])
-        tasks = TaskSampler(dict(src.get("tasks") or self.tasks))
-        epoch = self._epoch  # read when the loader starts its workers, i.e. once an epoch
-        if resampled:
-            rank, _ = self._rank_world()
-            # a fresh draw each epoch: ResampledShards' own counter would also advance in a
-            # persistent worker, and a rerun's epoch N must draw what the first run's did
-            stages: list[Any] = [
-                lambda: iter(
-                    wds.ResampledShards(
-                        urls,
-                        seed=self.seed,
-                        worker_seed=lambda: (epoch.value * 1000 + rank) * 1000 + _worker_index(),
-                        deterministic=True,
-                    )
-                )
-            ]
-        else:
-            stages = [wds.SimpleShardList(urls)]
-            if train:
-                stages.append(partial(_shard_order, seed=self.seed, epoch=epoch))
-            stages.append(wds.split_by_worker)
-        stages.append(wds.tarfile_to_samples(handler=counter.shard_error))
-        if train:
-            stages.append(wds.shuffle(self.shuffle_buffer))
-        stages.append(
+    def _source(self, src: Mapping[str, Any], counter: SkipCounter) -> wds.DataPipeline:
+        """An evaluation source: its shards in order, split over workers, every clip once."""
+        return wds.DataPipeline(
+            wds.SimpleShardList(expand_urls(src["urls"])),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=counter.shard_error),
             lambda raw: parse_samples(
                 raw,
                 self.sample_rate,
-                tasks,
+                TaskSampler(dict(src.get("tasks") or self.tasks)),
                 counter,
-                train,
-                self.min_seconds if train else 0.0,
-                self.max_seconds if train else None,
-                epoch.value,
-            )
+                None,
+            ),
         )
-        return wds.DataPipeline(*stages)
 
     def _batches(
-        self,
-        counter: SkipCounter,
-        seed: int | None,
-        bucket: dict[str, Any],
-        share: bool,
-        sources: Mapping[str, Mapping[str, Any]],
+        self, counter: SkipCounter, bucket: dict[str, Any], sources: Mapping[str, Mapping[str, Any]]
     ) -> Callable[[Iterable], Iterator[dict[str, Any]]]:
-        """candidates -> bucketed batches -> (this rank's share) -> decoded, collated batches.
+        """Evaluation: candidates -> bucketed batches -> this rank's share -> decoded, collated.
         `sources` ({config key: source}) tell the feature size where they are feature shards."""
-        rank, size = self._rank_world() if share else (0, 1)
+        rank, size = self._rank_world()
         record = feature_record(sources)
         dim = record["hidden_size"] if record else None
 
         def stage(cands):
-            rng = random.Random(
-                seed if seed is not None else f"{torch.initial_seed()}:{self._epoch.value}"
+            batches = bucket_batches(
+                cands, pool_size=self.pool_size, rng=random.Random(self.seed), **bucket
             )
-            batches = bucket_batches(cands, pool_size=self.pool_size, rng=rng, **bucket)
-            decoded = (decode_batch(b[rank::size], self.sample_rate, counter, dim) for b in batches)
-            return batches_with_counts(decoded, counter)
+            decoded = (
+                (None, decode_batch(b[rank::size], self.sample_rate, counter, dim)) for b in batches
+            )
+            return (batch for _, batch in batches_with_counts(decoded, counter))
 
         return stage
 
-    def pipeline(self, split: str) -> wds.DataPipeline:
-        counter = SkipCounter()
+    def train_stream(self) -> TrainStream:
+        """This rank's training stream (sparqle/data/shard_stream.py), resumed where a loaded
+        checkpoint left it."""
+        if not self.train_sources:
+            raise ValueError("data.train has no sources")
+        rank, size = self._rank_world()
+        resampled = self._streams_resampled()
+        named = {f"data.train.{k}": v for k, v in self.train_sources.items()}
+        record = feature_record(named)
+        return TrainStream(
+            [
+                (expand_urls(s["urls"]), s.get("tasks") or self.tasks, float(s.get("weight", 1.0)))
+                for s in self.train_sources.values()
+            ],
+            seed=self.seed,
+            epoch=self._epoch,
+            rank=rank,
+            world=size,
+            resampled=resampled,
+            batches_per_worker=self.batches_per_worker() if resampled else None,
+            sample_rate=self.sample_rate,
+            bucket=self.bucket,
+            pool_size=self.pool_size,
+            shuffle_buffer=self.shuffle_buffer,
+            min_seconds=self.min_seconds,
+            max_seconds=self.max_seconds,
+            feature_dim=record["hidden_size"] if record else None,
+            resume=self._resume,
+        )
+
+    def pipeline(self, split: str) -> Iterable[dict[str, Any]]:
         if split == "train":
-            if not self.train_sources:
-                raise ValueError("data.train has no sources")
-            resampled = self._streams_resampled()
-            sources = [
-                self._source(s, True, counter, resampled) for s in self.train_sources.values()
-            ]
-            weights = [float(s.get("weight", 1.0)) for s in self.train_sources.values()]
-            mixed = (
-                sources[0]
-                if len(sources) == 1
-                else wds.RandomMix(sources, weights, longest=not resampled)
-            )
-            named = {f"data.train.{k}": v for k, v in self.train_sources.items()}
-            pipe = wds.DataPipeline(mixed, self._batches(counter, None, self.bucket, False, named))
-            return pipe.with_epoch(self.batches_per_worker()) if resampled else pipe
+            return self.train_stream()
         src = self.val_source if split == "val" else self.test_source
         if not src:
             raise ValueError(f"data.{split} is not set")
+        counter = SkipCounter()
         return wds.DataPipeline(
-            self._source(src, False, counter),
-            self._batches(counter, self.seed, self.bucket, True, {f"data.{split}": src}),
+            self._source(src, counter), self._batches(counter, self.bucket, {f"data.{split}": src})
         )
 
     def eval_dataloader(self, task: str, batch_size: int | None = None) -> wds.WebLoader:
@@ -472,12 +276,8 @@ class ShardDataModule(L.LightningDataModule):
         # so the counts summed over ranks are the one-process counts
         rank, _ = self._rank_world()
         stream = wds.DataPipeline(
-            self._source(
-                {**src, "tasks": {task: 1.0}}, False, counter if rank == 0 else SkipCounter()
-            ),
-            self._batches(
-                counter, 0, bucket, True, {"data.test" if self.test_source else "data.val": src}
-            ),
+            self._source({**src, "tasks": {task: 1.0}}, counter if rank == 0 else SkipCounter()),
+            self._batches(counter, bucket, {"data.test" if self.test_source else "data.val": src}),
         )
         return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
 
@@ -501,8 +301,38 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
         )
 
-    def train_dataloader(self) -> wds.WebLoader:
-        return self._loader("train")
+    def train_dataloader(self) -> PositionLog:
+        """Batches with the worker each came from noted, for the checkpoint's data position."""
+        self._positions = PositionLog(self._loader("train"), self.num_workers)
+        if self._resume is not None:
+            self._positions.start = self._resume
+        return self._positions
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's stream position (gathered: rank 0 writes the checkpoint)."""
+        from sparqle.distributed import gather_objects
+
+        if self.trainer is None or self._positions is None:
+            return {}
+        processed = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        _, size = self._rank_world()
+        mine = self._positions.position(self.trainer.current_epoch, size, processed)
+        return {"stream_positions": [asdict(p) for p in gather_objects(mine)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        positions = [StreamPosition(**p) for p in state.get("stream_positions", [])]
+        if not positions:
+            return
+        rank, size = self._rank_world()
+        if len(positions) != size:
+            log.warning(
+                "data position saved on %d rank(s), resuming on %d: the interrupted epoch's "
+                "streams start afresh on the new layout",
+                len(positions),
+                size,
+            )
+            return
+        self._resume = positions[rank]
 
     def val_dataloader(self) -> wds.WebLoader:
         return self._loader("val")

@@ -218,7 +218,7 @@ def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resam
         persistent_workers=persistent,
     )
     loader = dm.train_dataloader()
-    torch_loader = loader.pipeline[0]  # WebLoader wraps torch's DataLoader
+    torch_loader = loader.loader.pipeline[0]  # PositionLog wraps a WebLoader, which wraps torch's DataLoader
     assert torch_loader.persistent_workers is persistent
     epochs, workers = [], []
     for epoch in range(2):
@@ -239,9 +239,9 @@ def test_pinned_batches_where_asked_and_by_default_only_with_a_gpu(shards):
         )
         return dm.train_dataloader()
 
-    assert loader().pipeline[0].pin_memory is torch.cuda.is_available()
+    assert loader().loader.pipeline[0].pin_memory is torch.cuda.is_available()
     pinned = loader(pin_memory=True)
-    assert pinned.pipeline[0].pin_memory is True
+    assert pinned.loader.pipeline[0].pin_memory is True
     with warnings.catch_warnings():  # no accelerator here: torch says so and copies as usual
         warnings.simplefilter("ignore")
         ids = _ids(pinned)

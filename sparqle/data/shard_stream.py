@@ -1,0 +1,378 @@
+"""The training stream of `data=shards`: webdataset shards -> decoded, collated batches, the same
+batches in the same order on a rerun, and resumable mid-epoch.
+
+Per rank and loader worker, one stream whose every random choice (shard order or draws, the
+shuffle buffer, task choice, source mixing, batch bucketing) comes from a generator seeded by
+(seed, epoch, rank, worker, what) alone: nothing from the process's global state, so a resumed
+run draws what the uninterrupted one drew.
+
+    shards (this worker's share of the epoch's order; several ranks: drawn with replacement)
+    -> tar samples -> shuffle buffer -> metadata + task choice (no decoding yet)
+    -> mix sources by weight -> duration-bucketed batches -> [skip what was consumed]
+    -> decode -> collate, tagged (worker, index)
+
+Resuming (`StreamPosition`): each worker's stream is rebuilt and fast-forwarded over the batches
+it had delivered, on metadata only (tar members are read, no audio is decoded), and the loader's
+workers take their roles rotated so that the worker whose batch came next comes first: the
+loader's round-robin then continues exactly where it stood.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from multiprocessing.context import get_spawning_popen
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from sparqle.data.audio import AudioError, load_audio
+from sparqle.data.bucketing import bucket_batches
+from sparqle.data.collate import collate
+from sparqle.data.shards import FEATURES, decode_features, metadata_to_utterance
+from sparqle.data.tasks import TaskSampler
+
+log = logging.getLogger(__name__)
+AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg")
+
+
+class SkipCounter:
+    """Counts what the pipeline drops, by reason; lives in one worker process."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        log.warning("skipping %s: %s", reason, detail)
+
+    def shard_error(self, exc: Exception) -> bool:
+        """webdataset handler: count an unreadable/truncated shard and go on."""
+        self.add("unreadable shard", repr(exc))
+        return True
+
+    def pop(self) -> dict[str, int]:
+        out, self.counts = dict(self.counts), Counter()
+        return out
+
+
+def parse_samples(
+    raw: Iterable[dict[str, Any]],
+    sample_rate: int,
+    tasks: TaskSampler,
+    counter: SkipCounter,
+    rng: random.Random | None,
+    min_seconds: float = 0.0,
+    max_seconds: float | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Tar members -> candidates with metadata, task and duration; the audio stays encoded
+    (decoded here only for the rare sample whose metadata has no duration). `rng` draws each
+    training clip's task (None: evaluation, every clip its configured task)."""
+    for s in raw:
+        where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
+        ext = next((e for e in (*AUDIO_EXTENSIONS, FEATURES) if e in s), None)
+        try:
+            meta = json.loads(s["json"])
+        except (KeyError, ValueError, TypeError):
+            counter.add("bad metadata", where)
+            continue
+        if ext is None:
+            counter.add("no audio", where)
+            continue
+        utt = metadata_to_utterance(meta, s["__key__"])
+        choice = tasks.choose(utt, rng)
+        if choice is None or not choice.target.strip():
+            counter.add("no text", where)
+            continue
+        cand = {"where": where, "utt": utt, "choice": choice, "target": choice.target}
+        if ext == FEATURES:
+            if not isinstance(meta.get("duration"), (int, float)):
+                counter.add("bad metadata", f"{where} (no duration)")
+                continue
+            cand.update(features=s[ext], seconds=float(meta["duration"]))
+        elif isinstance(meta.get("duration"), (int, float)):
+            cand.update(encoded=s[ext], seconds=float(meta["duration"]))
+        else:
+            audio = _decode(s[ext], sample_rate, where, counter)
+            if audio is None:
+                continue
+            cand.update(audio=audio, seconds=len(audio) / sample_rate)
+        if cand["seconds"] < min_seconds or (
+            max_seconds is not None and cand["seconds"] > max_seconds
+        ):
+            counter.add("duration out of range", f"{where} ({cand['seconds']:.2f} s)")
+            continue
+        yield cand
+
+
+def _decode(encoded: bytes, sample_rate: int, where: str, counter: SkipCounter):
+    try:
+        return load_audio(encoded, sample_rate, name=where)
+    except AudioError as exc:
+        msg = str(exc)
+        counter.add(
+            "empty audio"
+            if "empty" in msg
+            else "NaN audio"
+            if "NaN" in msg
+            else "undecodable audio",
+            where,
+        )
+        return None
+
+
+def decode_batch(
+    cands: list[dict[str, Any]],
+    sample_rate: int,
+    counter: SkipCounter,
+    feature_dim: int | None = None,
+) -> list[dict[str, Any]]:
+    out = []
+    for c in cands:
+        if "features" in c:
+            try:
+                if feature_dim is None:
+                    raise ValueError("features where the sources' indexes record none")
+                feats = decode_features(c["features"], feature_dim)
+            except ValueError as exc:
+                counter.add(
+                    "NaN features" if "NaN" in str(exc) else "bad features", f"{c['where']}: {exc}"
+                )
+                continue
+            samples = round(c["seconds"] * sample_rate)
+            out.append(c["choice"].feature_sample(c["utt"], feats, samples))
+            continue
+        audio = c.get("audio")
+        if audio is None:
+            audio = _decode(c["encoded"], sample_rate, c["where"], counter)
+        if audio is not None:
+            out.append(c["choice"].sample(c["utt"], audio))
+    return out
+
+
+def batches_with_counts(
+    batches: Iterable[tuple[Any, list[dict]]], counter: SkipCounter
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(tag, samples) -> (tag, collated batch), attaching the skips seen so far; one batch is
+    held back so that skips counted after the last one still ride on it."""
+    held = None
+    for tag, b in batches:
+        if held is not None:
+            yield held[0], _finish(held[1], counter)
+        held = (tag, b)
+    if held is not None:
+        yield held[0], _finish(held[1], counter)
+
+
+def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
+    batch = collate(samples)
+    batch["skipped"] = counter.pop()
+    batch["num_skipped"] = sum(batch["skipped"].values())
+    return batch
+
+
+class Epoch:
+    """The epoch number, in shared memory so that persistent loader workers, which keep their
+    copy of the pipeline from one epoch to the next, read the number the trainer set."""
+
+    def __init__(self) -> None:
+        self._shared = multiprocessing.RawValue("q", 0)
+
+    @property
+    def value(self) -> int:
+        return self._shared.value
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._shared.value = epoch
+
+    def __getstate__(self) -> dict:
+        # shared memory travels only to the processes being started (loader workers); any other
+        # copy (a pickled DataModule) takes the number as it stands
+        if get_spawning_popen() is None:
+            return {"plain": self.value}
+        return {"shared": self._shared}
+
+    def __setstate__(self, state: dict) -> None:
+        if "shared" in state:
+            self._shared = state["shared"]
+        else:
+            self.__init__()
+            self.value = state["plain"]
+
+
+def seeded(*parts: Any) -> random.Random:
+    """A generator that depends on `parts` alone (str seeds hash deterministically)."""
+    return random.Random(":".join(map(str, parts)))
+
+
+def mix(
+    sources: list[Iterator[dict]], weights: list[float], rng: random.Random, longest: bool
+) -> Iterator[dict]:
+    """Draw each next candidate from a source chosen by weight (webdataset's RandomMix, with a
+    generator of its own); `longest`: until every source is dry, else until the first is."""
+    sources, weights = list(sources), list(weights)
+    while sources:
+        cum = np.cumsum(np.asarray(weights) / np.sum(weights))
+        i = min(int(np.searchsorted(cum, rng.random())), len(sources) - 1)
+        try:
+            yield next(sources[i])
+        except StopIteration:
+            if not longest:
+                return
+            del sources[i], weights[i]
+
+
+@dataclass
+class StreamPosition:
+    """Where an epoch's training stream stood: per worker, how many batches the loop consumed;
+    `next_worker`, whose batch came next. Valid for the same ranks x workers layout only."""
+
+    epoch: int
+    world: int
+    workers: int
+    consumed: dict[int, int] = field(default_factory=dict)
+    next_worker: int = 0
+
+
+class PositionLog:
+    """Wraps the training loader in the main process: records which worker's batch each one
+    was, so the position can be cut at the number of batches the loop actually consumed
+    (Lightning fetches one ahead)."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], workers: int) -> None:
+        self.loader, self.workers = loader, max(1, workers)
+        self.delivered: list[tuple[int, int]] = []
+        self.start = StreamPosition(0, 1, self.workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.delivered = []
+        for batch in self.loader:
+            self.delivered.append(tuple(batch.pop("stream")))
+            yield batch
+
+    def position(self, epoch: int, world: int, processed: int) -> StreamPosition:
+        """After `processed` batches of `epoch` (this rank's), counting those a resumed epoch
+        had consumed before it started."""
+        start = (
+            self.start if self.start.epoch == epoch else StreamPosition(epoch, world, self.workers)
+        )
+        consumed = dict(start.consumed)
+        fresh = self.delivered[: max(0, processed - sum(start.consumed.values()))]
+        for worker, index in fresh:
+            consumed[worker] = max(consumed.get(worker, 0), index + 1)
+        if len(self.delivered) > len(fresh):
+            next_worker = self.delivered[len(fresh)][0]
+        elif fresh:
+            next_worker = (fresh[-1][0] + 1) % self.workers
+        else:
+            next_worker = start.next_worker
+        return StreamPosition(epoch, world, self.workers, consumed, next_worker)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's training stream (see the module docstring); iterated once per epoch by each
+    loader worker. `sources`: [(urls, tasks, weight)]; `batches_per_worker`: the epoch length of
+    resampled streams (None: every shard of the split once)."""
+
+    def __init__(
+        self,
+        sources: list[tuple[list[str], Mapping[str, float], float]],
+        *,
+        seed: int,
+        epoch: Epoch,
+        rank: int,
+        world: int,
+        resampled: bool,
+        batches_per_worker: int | None,
+        sample_rate: int,
+        bucket: Mapping[str, Any],
+        pool_size: int,
+        shuffle_buffer: int,
+        min_seconds: float,
+        max_seconds: float | None,
+        feature_dim: int | None,
+        resume: StreamPosition | None = None,
+    ) -> None:
+        super().__init__()
+        self.sources = sources
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.resampled, self.batches_per_worker = resampled, batches_per_worker
+        self.sample_rate, self.bucket = sample_rate, dict(bucket)
+        self.pool_size, self.shuffle_buffer = pool_size, shuffle_buffer
+        self.min_seconds, self.max_seconds = min_seconds, max_seconds
+        self.feature_dim = feature_dim
+        self.resume = resume
+
+    def _shards(self, urls: list[str], source: int, worker: int, workers: int, epoch: int):
+        key = (self.seed, epoch, self.rank, worker, source)
+        if self.resampled:  # with replacement, for as long as the stream is read
+            rng = seeded(*key, "draws")
+            while True:
+                yield {"url": rng.choice(urls)}
+        order = list(urls)
+        seeded(self.seed, epoch, source, "order").shuffle(order)  # the same on every worker
+        for url in order[worker::workers]:
+            yield {"url": url}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.epoch.value
+        resume = self.resume
+        if resume is not None and (resume.epoch, resume.world, resume.workers) != (
+            epoch,
+            self.world,
+            workers,
+        ):
+            resume = None
+        worker = (physical + resume.next_worker) % workers if resume else physical
+        skip = resume.consumed.get(worker, 0) if resume else 0
+        key = (self.seed, epoch, self.rank, worker)
+        counter = SkipCounter()
+        streams = []
+        for i, (urls, tasks, _) in enumerate(self.sources):
+            raw = wds.tarfile_to_samples(handler=counter.shard_error)(
+                self._shards(urls, i, worker, workers, epoch)
+            )
+            shuffled = wds.shuffle(self.shuffle_buffer, rng=seeded(*key, i, "shuffle"))(raw)
+            streams.append(
+                parse_samples(
+                    shuffled,
+                    self.sample_rate,
+                    TaskSampler(dict(tasks)),
+                    counter,
+                    seeded(*key, i, "tasks"),
+                    self.min_seconds,
+                    self.max_seconds,
+                )
+            )
+        weights = [w for _, _, w in self.sources]
+        cands = (
+            streams[0]
+            if len(streams) == 1
+            else mix(streams, weights, seeded(*key, "mix"), longest=not self.resampled)
+        )
+        batches = bucket_batches(
+            cands, pool_size=self.pool_size, rng=seeded(*key, "bucket"), **self.bucket
+        )
+        batches = itertools.islice(enumerate(batches), self.batches_per_worker)
+        for _ in itertools.islice(batches, skip):  # fast-forward: metadata only
+            pass
+        if skip:
+            counter.pop()  # counted in the run that consumed them
+        decoded = (
+            (index, decode_batch(b, self.sample_rate, counter, self.feature_dim))
+            for index, b in batches
+        )
+        for index, batch in batches_with_counts(decoded, counter):
+            batch["stream"] = (worker, index)
+            yield batch
