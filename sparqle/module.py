@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import lightning as L
@@ -129,6 +129,7 @@ class SparQLeModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.batch_stats: dict[str, float] = {}
         self.skips = StepSkips()
+        self.skipped_samples: Counter[str] = Counter()  # by reason, this rank, since the start
         self._rng_to_restore: dict[str, Any] | None = None
         self._last_batch: dict[str, Any] | None = None
         # (shortest, longest) training clip in seconds: inference cuts long audio to this
@@ -346,7 +347,16 @@ class SparQLeModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.model.heads is not None:
             self.model.heads.clamp_temperature()
-        if self.global_step % self.trainer.log_every_n_steps == 0 and self.skips.total is not None:
+        if self.global_step % self.trainer.log_every_n_steps:
+            return
+        # samples skipped by reason since the run began, summed over ranks (a host exchange once
+        # per logging interval; every rank is at the same step)
+        totals: Counter[str] = Counter()
+        for counts in gather_objects(dict(self.skipped_samples)):
+            totals.update(counts)
+        for name, n in sorted(totals.items()):
+            self.log(f"train/{name}", float(n), rank_zero_only=True)
+        if self.skips.total is not None:
             self.log("train/skipped_steps", self.skips.total, reduce_fx="max")
             longest = self.skips.longest_run()
             if longest >= self.max_nonfinite_steps:
@@ -433,8 +443,7 @@ class SparQLeModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         standin = batch.get("standin", False)
-        for name, n in _skip_counts(batch).items():
-            self.log(f"train/{name}", float(n), reduce_fx="sum", on_step=False, on_epoch=True)
+        self.skipped_samples.update(_skip_counts(batch))  # host counts, logged every interval
         out = self._losses(batch)
         loss = out["loss"]
         bad = ~torch.isfinite(loss.detach())
@@ -444,7 +453,8 @@ class SparQLeModule(L.LightningModule):
         bs = len(batch["id"])
         for k in ("loss", "itc", "itm", "itg", "query_spread"):
             if k in out:
-                self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=bs)
+                # not on the progress bar: it would read the loss back to the host every step
+                self.log(f"train/{k}", out[k], batch_size=bs)
         if "temperature" in out:
             self.log("train/temperature", out["temperature"], batch_size=bs)
         self.batch_stats = self._batch_stats(batch, out)

@@ -2,6 +2,7 @@
 
     python tests/distributed_checks.py faults OUT --strategy ddp|fsdp|hsdp OVERRIDES...
     python tests/distributed_checks.py validate OUT OVERRIDES...
+    python tests/distributed_checks.py host_reads OUT OVERRIDES...
 
 Each rank writes OUT.rank<r>.pt with what the test asserts on.
 """
@@ -166,14 +167,51 @@ def validate(out: str, overrides: list[str]) -> None:
     torch.save(results, f"{out}.rank{RANK}.pt")
 
 
+def host_reads(out: str, overrides: list[str]) -> None:
+    """Every host read of the whole training loop (Lightning's included), per step: the reads
+    between one batch's start and the next's (the step, its hooks, the loop's own checks)."""
+    from sparqle.lifecycle import StopOnSignal
+    from tests.helpers import HostReads
+
+    cfg = config(overrides)
+    L.seed_everything(cfg.seed)
+    module = SparQLeModule(**module_kwargs(cfg))
+    datamodule = instantiate(cfg.data)
+    counter = HostReads()
+    # host tensors, no device is read: lengths and FLOP counts built from host lists before the
+    # copy, and the sampler's permutation as a new epoch's loader starts
+    host_side = ("on_before_batch_transfer", "collate", "_batch_stats", "combined_loader.py")
+
+    class PerStep(L.Callback):
+        def __init__(self) -> None:
+            self.seen, self.steps = None, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.seen is not None:  # every batch but the first, across epochs
+                self.steps.append(counter.reads[self.seen :])
+            self.seen = len(counter.reads)
+
+    per_step = PerStep()
+    stop = StopOnSignal(checkpoint_dir=f"{out}.ckpts", check_every_n_steps=3)
+    run = trainer(
+        "ddp", max_steps=10, limit_val_batches=0, log_every_n_steps=3, callbacks=[stop, per_step]
+    )
+    with counter:
+        run.fit(module, datamodule=datamodule)
+    steps = [[r for r in reads if not any(h in r for h in host_side)] for reads in per_step.steps]
+    torch.save({"steps": steps}, f"{out}.rank{RANK}.pt")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["faults", "validate"])
+    p.add_argument("scenario", choices=["faults", "validate", "host_reads"])
     p.add_argument("out")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "hsdp"])
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     if args.scenario == "faults":
         faults(args.out, args.strategy, args.overrides)
+    elif args.scenario == "host_reads":
+        host_reads(args.out, args.overrides)
     else:
         validate(args.out, args.overrides)

@@ -268,6 +268,31 @@ def test_empty_batch_and_nan_on_different_ranks_skip_the_same_steps(
 
 
 @pytest.mark.slow
+def test_the_training_loop_reads_nothing_back_between_checks(tiny_dir, synth_data, tmp_path):
+    """The whole loop on 2 ranks, Lightning's own work included (its per-batch SIGTERM broadcast,
+    progress-bar metrics): between the checks every 3 steps (logging, skip counts, the stop flag)
+    a step reads back only what HuBERT's padding-mask check reads in transformers itself."""
+    out = tmp_path / "reads"
+    _torchrun(
+        str(ROOT / "tests" / "distributed_checks.py"),
+        "host_reads",
+        str(out),
+        f"paths.cache_dir={tiny_dir}",
+        f"data.train_manifest={synth_data / 'train.jsonl'}",
+        f"data.val_manifest={synth_data / 'val.jsonl'}",
+        "data.batch_size=2",
+        "stage=instruct",
+    )
+    for rank in (0, 1):
+        steps = torch.load(f"{out}.rank{rank}.pt", weights_only=True)["steps"]
+        assert len(steps) == 9
+        between = [s for i, s in enumerate(steps) if (i + 1) % 3]
+        assert all(len(s) == 1 and "masking_utils" in s[0] for s in between), between
+        checks = [s for i, s in enumerate(steps) if (i + 1) % 3 == 0]
+        assert all(any("on_train_batch_end" in r for r in s) for s in checks)  # the stop flag
+
+
+@pytest.mark.slow
 def test_validation_on_two_ranks_equals_one_process(tiny_dir, synth_data, tmp_path):
     args = [
         str(ROOT / "tests" / "distributed_checks.py"),

@@ -218,7 +218,9 @@ def test_each_epoch_reads_another_shard_order_and_a_rerun_the_same(shards, resam
         persistent_workers=persistent,
     )
     loader = dm.train_dataloader()
-    torch_loader = loader.loader.pipeline[0]  # PositionLog wraps a WebLoader, which wraps torch's DataLoader
+    torch_loader = loader.loader.pipeline[
+        0
+    ]  # PositionLog wraps a WebLoader, which wraps torch's DataLoader
     assert torch_loader.persistent_workers is persistent
     epochs, workers = [], []
     for epoch in range(2):
