@@ -60,3 +60,27 @@ def trained(tiny_dir, synth_data, tmp_path_factory) -> Path:
     save_checkpoint(module, out / "model.ckpt")
     export(out / "model.ckpt", out / "export")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synth_data, tmp_path_factory) -> Path:
+    """The synthesised manifests as small audio shards (train: 18 clips in several shards)."""
+    from data_prep.make_shards import make_shards
+
+    out = tmp_path_factory.mktemp("tiny-shards")
+    for split in ("train", "val"):
+        make_shards(synth_data / f"{split}.jsonl", out, split, shard_size_mb=0.05, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_shards, tiny_dir, tmp_path_factory) -> Path:
+    """Feature shards of tiny_shards from the tiny encoder's layer 1 (`encoder=tiny
+    encoder.layer=1`)."""
+    from data_prep.extract_features import extract_features
+
+    out = tmp_path_factory.mktemp("tiny-features")
+    overrides = ["encoder=tiny", f"paths.cache_dir={tiny_dir}", "encoder.layer=1"]
+    for split in ("train", "val"):
+        extract_features(tiny_shards / f"{split}.json", out, overrides)
+    return out
