@@ -123,3 +123,26 @@ def test_submitit_usr2_on_rank_0_only_requeues_and_the_job_resumes(
     assert wait_all(procs, 120) == [0, 0], (tmp_path / f"{job}.rank0.log").read_text()[-3000:]
     step, weights = trained_weights(run / "checkpoints/last.ckpt")
     assert step == STEPS and not differing(weights, uninterrupted[1])
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_is_stuck_gives_up_with_one_line(tiny_dir, synth_data, tmp_path):
+    """Rank 1 freezes (SIGSTOP: its sockets open, nothing answered), then rank 0 is told to stop:
+    its next collective never completes, and after `timeout_s` it says so in one line and exits
+    instead of waiting forever. (A peer that dies outright closes its sockets, and gloo's
+    collective fails at once.)"""
+    bin_dir, logs, job = fake_slurm_bin(tmp_path / "bin"), tmp_path / "logs", "7003"
+    cmd = _train(_overrides(tiny_dir, synth_data, logs, "callbacks.stop_on_signal.timeout_s=8"))
+    procs = start_slurm_tasks(cmd, job, 2, bin_dir, tmp_path)
+    wait_for(logs / "tiny/runs/slurm-7003/csv", procs)
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGSTOP)
+    procs[0].send_signal(signal.SIGTERM)
+    start = time.time()
+    codes = wait_all(procs[:1], 40)
+    procs[1].kill()
+    log = (tmp_path / f"{job}.rank0.log").read_text()
+    assert codes == [128 + signal.SIGTERM], log[-2000:]
+    assert 8 <= time.time() - start < 40
+    gave_up = [line for line in log.splitlines() if "did not stop together" in line]
+    assert len(gave_up) == 1, log[-2000:]
