@@ -48,6 +48,14 @@ def step_shape(module, cfg) -> StepShape:
     return StepShape(batch, seconds, prompt, target, text)
 
 
+def configured_strategy(strategy, world: int) -> str:
+    """fsdp / hybrid / ddp / single, from `trainer.strategy` (a name or a `_target_` config)."""
+    target = strategy if isinstance(strategy, str) or strategy is None else strategy.get("_target_")
+    if target and "FSDP" in str(target):
+        return "hybrid" if strategy.get("sharding") == "hybrid" else "fsdp"
+    return "ddp" if world > 1 or (target and "ddp" in str(target).lower()) else "single"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
@@ -57,13 +65,9 @@ def main() -> None:
     devices = cfg.trainer.get("devices")
     world = (devices if isinstance(devices, int) else 8) * int(cfg.trainer.get("num_nodes", 1))
     strategy = cfg.trainer.get("strategy")
-    name = (
-        "fsdp"
-        if not isinstance(strategy, str) and strategy is not None
-        else ("ddp" if strategy == "ddp" or world > 1 else "single")
-    )
+    name = configured_strategy(strategy, world)
     compute = dtype_bytes(
-        strategy.get("compute_dtype", "bfloat16") if name == "fsdp" else "bfloat16"
+        strategy.get("compute_dtype", "bfloat16") if name in ("fsdp", "hybrid") else "bfloat16"
     )
     print(
         f"stage={cfg.stage.name}  encoder={cfg.encoder.name_or_path}  llm={cfg.llm.name_or_path}\n"

@@ -321,6 +321,56 @@ def validate_group(cfg: DictConfig, group: str) -> None:
     _check(cfg, {k: v for k, v in RULES.items() if k.startswith(f"{group}.")})
 
 
+def accepted_keys(target: str) -> set[str] | None:
+    """The config keys a `_target_` class takes (None: it takes any). A class that passes its
+    extra keys on names where (`forwards_to`), and those count too."""
+    import importlib
+    import inspect
+
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    keys: set[str] = set()
+    while cls is not None:
+        params = inspect.signature(cls).parameters.values()
+        keys |= {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return keys
+        cls = getattr(cls, "forwards_to", None)
+    return None
+
+
+def _choice(group: str) -> str | None:
+    """The config-group option Hydra composed (`adapter=linear` -> linear), where known."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def check_group_keys(
+    cfg: DictConfig, groups: tuple[str, ...] = ("encoder", "adapter", "llm")
+) -> None:
+    """Every key of a model part's config is one its class takes: a key left by another choice
+    (an experiment's Q-Former settings under `adapter=linear`) stops here in one line, not as a
+    traceback after the LLM has loaded."""
+    for group in groups:
+        part = cfg.get(group)
+        target = part.get("_target_") if isinstance(part, DictConfig) else None
+        if not target:
+            continue
+        keys = accepted_keys(str(target))
+        if keys is None:
+            continue
+        choice = _choice(group) or str(target).rsplit(".", 1)[-1]
+        for key in part:
+            if key != "_target_" and key not in keys:
+                raise ConfigError(
+                    f"{group}.{key}: not a setting of {group}={choice} (it takes "
+                    f"{', '.join(sorted(keys - {'encoder_dim', 'llm_dim', 'frame_rate'}))})"
+                )
+
+
 def _check_cadence(cfg: DictConfig) -> None:
     """Validation and checkpoints count optimizer steps (`val_every_n_steps`); Lightning's
     `trainer.val_check_interval` counts batches and follows from it. Set by hand to another
@@ -343,6 +393,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Check every known key of a composed config before anything is built, so a wrong type or
     range stops at once with one line naming the key and what it must be."""
     _check(cfg, RULES)
+    check_group_keys(cfg)
     min_s, max_s = cfg.get("data", {}).get("min_seconds"), cfg.get("data", {}).get("max_seconds")
     if _is_number(min_s) and _is_number(max_s) and min_s >= max_s:
         raise ConfigError(f"data.min_seconds={min_s}: must be below data.max_seconds={max_s}")

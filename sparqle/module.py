@@ -221,6 +221,15 @@ class SparQLeModule(L.LightningModule):
             raise CheckpointMismatch(
                 f"stage.init_from={path}: no adapter weights in this checkpoint"
             )
+        if not hasattr(self.model.adapter, "qformer") and all(
+            k.startswith("model.adapter.qformer.") for k in wanted
+        ):  # a sweep over adapters from one stage-1 run: only the Q-Former ones take it
+            log.warning(
+                "stage.init_from=%s holds a stage-1 Q-Former; adapter %s has none and starts fresh",
+                path,
+                type(self.model.adapter).__name__,
+            )
+            return
         own = self.state_dict()
         bad = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
         if bad:

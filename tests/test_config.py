@@ -41,6 +41,12 @@ BAD = [
         "stage=pretrain stage.pretrain.query_spread_target=0",
         "stage.pretrain.query_spread_target=0: expected a number > 0",
     ),
+    (
+        "adapter=linear +adapter.num_queries=32",
+        "adapter.num_queries: not a setting of adapter=LinearAdapter (it takes downsample, hidden_dim)",
+    ),
+    ("+llm.lora_rank=8", "llm.lora_rank: not a setting of llm=LLM (it takes dtype, "),
+    ("trainer.val_check_interval=7", "trainer.val_check_interval=7: set val_every_n_steps"),
 ]
 
 
@@ -64,6 +70,9 @@ def test_the_shipped_presets_pass():
         for stage in ("pretrain", "instruct"):
             cfg = composed(f"experiment={experiment}", f"stage={stage}")
             validate_config(cfg)  # no ConfigError; manifests are a training run's to check
+    # every adapter composes with the paper preset (its Q-Former keys are the adapter's own)
+    for adapter in ("qformer", "linear", "window_qformer"):
+        validate_config(composed("experiment=sparqle_paper", f"adapter={adapter}"))
 
 
 def test_a_missing_manifest_is_named():

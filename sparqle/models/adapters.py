@@ -15,6 +15,8 @@ from sparqle.models.qformer import SpeechQFormer
 class QFormerAdapter(nn.Module):
     """SparQLe / BLIP-2: a fixed number of query outputs, projected to the LLM width."""
 
+    forwards_to = SpeechQFormer  # the config keys it passes on (checked before building)
+
     def __init__(
         self, encoder_dim: int, llm_dim: int, frame_rate: float | None = None, **qformer_kwargs
     ) -> None:
@@ -39,6 +41,8 @@ class WindowQFormerAdapter(nn.Module):
 
     The output length grows with the audio; windows wholly in padding are masked out.
     """
+
+    forwards_to = SpeechQFormer
 
     def __init__(
         self,

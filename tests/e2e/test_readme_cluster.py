@@ -42,7 +42,6 @@ def _run_of(tiny_dir, synth_data, logs, *extra) -> str:
         tiny_overrides(
             tiny_dir,
             synth_data,
-            "stage=instruct",
             "trainer.accelerator=cpu",
             "trainer.max_steps=4",
             "trainer.limit_val_batches=1",
@@ -55,10 +54,20 @@ def _run_of(tiny_dir, synth_data, logs, *extra) -> str:
 
 def test_the_section_is_what_this_test_runs():
     blocks = _section()
-    assert len(blocks) == 4 and blocks[0].startswith('RUN="experiment=sparqle_paper')
-    assert blocks[1] == 'RUN="$RUN" sbatch scripts/slurm/train.sbatch'
+    assert len(blocks) == 5 and blocks[0].startswith('RUN="experiment=sparqle_paper')
+    assert blocks[1] == 'RUN="$RUN stage=pretrain" sbatch scripts/slurm/train.sbatch'
     assert blocks[2].startswith("python train.py --multirun hydra/launcher=slurm")
-    assert blocks[3].startswith("torchrun ")
+    assert blocks[3].count("python train.py --multirun hydra/launcher=slurm") == 2
+    assert blocks[4].startswith("torchrun ")
+
+
+def _on_local_submitit(command: str, logs: Path) -> str:
+    """The SLURM launcher's lines as submitit's local executor runs them, the paper's Q-Former as
+    the tiny one, the paper's log folder as the test's."""
+    command = command.replace("hydra/launcher=slurm", "hydra/launcher=submitit_local")
+    command = re.sub(r"hydra\.launcher\.(partition|nodes)=\S+", "", command)
+    command = command.replace("adapter=qformer,", "adapter=tiny,")
+    return command.replace("logs/sparqle_paper/", f"{logs}/tiny/")
 
 
 @pytest.mark.slow
@@ -77,8 +86,7 @@ def test_sbatch_then_its_requeue_resume_the_run(tiny_dir, synth_data, tmp_path):
 
 @pytest.mark.slow
 def test_the_submitit_sweep_runs_its_jobs_and_a_rerun_resumes_them(tiny_dir, synth_data, tmp_path):
-    command = _section()[2].replace("hydra/launcher=slurm", "hydra/launcher=submitit_local")
-    command = re.sub(r"hydra\.launcher\.(partition|nodes)=\S+", "", command)
+    command = _on_local_submitit(_section()[2], tmp_path)
     run = _run_of(tiny_dir, synth_data, tmp_path, "trainer.devices=1", "run_name=sweep")
     _bash(command, _env(RUN=run))
     jobs = sorted((tmp_path / "tiny/multiruns/sweep").glob("[0-9]"))
@@ -97,7 +105,7 @@ def test_the_submitit_sweep_runs_its_jobs_and_a_rerun_resumes_them(tiny_dir, syn
 def test_torchrun_with_a_rendezvous_id_resumes_its_run(tiny_dir, synth_data, tmp_path):
     run = _run_of(tiny_dir, synth_data, tmp_path, "trainer.devices=2")
     env = _env(RUN=run, NODES="1", GPUS="2", HEAD="127.0.0.1", JOB="readme")
-    command = _section()[3].replace("$HEAD:29500", f"$HEAD:{free_port()}")
+    command = _section()[4].replace("$HEAD:29500", f"$HEAD:{free_port()}")
     _bash(command, env)
     ckpt = tmp_path / "tiny/runs/torchrun-readme/checkpoints/last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
@@ -105,3 +113,32 @@ def test_torchrun_with_a_rendezvous_id_resumes_its_run(tiny_dir, synth_data, tmp
         command.replace(str(command.split("$HEAD:")[1].split()[0]), str(free_port())), env
     )
     assert f"resuming from {ckpt}" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_the_sweep_and_its_stage_2_form_run(tiny_dir, synth_data, tmp_path):
+    """Stage 1 at two learning rates, then stage 2 from the first for the Q-Former and the linear
+    adapter (which starts fresh): all four jobs train to the end."""
+    command = _on_local_submitit(_section()[3], tmp_path)
+    run = _run_of(tiny_dir, synth_data, tmp_path, "trainer.devices=1")
+    done = _bash(command, _env(RUN=run))
+    stage1 = sorted((tmp_path / "tiny/multiruns/s1").glob("[0-9]"))
+    rates = [
+        torch.load(j / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]["stage"]
+        for j in stage1
+    ]
+    assert [r["optim"]["lr"] for r in rates] == [1e-4, 3e-4]
+    stage2 = [
+        j
+        for sweep in (tmp_path / "tiny/multiruns").iterdir()
+        if sweep.name != "s1"
+        for j in sorted(sweep.glob("[0-9]"))
+    ]
+    adapters = []
+    for job in stage2:
+        ckpt = torch.load(job / "checkpoints/last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["stage"]["name"] == "instruct"
+        adapters.append(ckpt["hyper_parameters"]["adapter"]["_target_"].rsplit(".", 1)[1])
+    assert adapters == ["QFormerAdapter", "LinearAdapter"]
+    assert "starts fresh" in (stage2[1] / "tiny.log").read_text()
+    assert done.returncode == 0
