@@ -76,7 +76,7 @@ def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
         "llm": OmegaConf.to_container(cfg.llm, resolve=True),
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
-        "val_decode_batches": cfg.val_decode_batches,
+        "val_decode_clips": cfg.val_decode_clips,
         "max_nonfinite_steps": cfg.max_nonfinite_steps,
         "train_tasks": training_tasks(cfg.data),
     }
@@ -283,7 +283,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "trainer.log_every_n_steps": _int(1),
     "generation.num_beams": _int(1, null=True),
     "generation.max_new_tokens": _int(1, null=True, words=("auto",)),
-    "val_decode_batches": _int(0),
+    "val_decode_clips": _int(0),
     "max_nonfinite_steps": _int(1),
     "ckpt": (_checkpoints, "an existing checkpoint file or exported directory, or a list of them"),
     "ckpt_path": _file_or(None, "last"),

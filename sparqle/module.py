@@ -110,7 +110,7 @@ class SparQLeModule(L.LightningModule):
         adapter: dict[str, Any],
         llm: dict[str, Any],
         generation: dict[str, Any] | None = None,
-        val_decode_batches: int = 2,
+        val_decode_clips: int = 1000,
         max_nonfinite_steps: int = 10,
         train_tasks: list[str] | None = None,
         features: dict[str, Any] | None = None,
@@ -125,7 +125,7 @@ class SparQLeModule(L.LightningModule):
             raise ValueError(f"stage.name={self.stage!r}: expected one of {', '.join(STAGES)}")
         self.optim_cfg = dict(stage.get("optim", {}))
         self.generation = check_generation(generation or {})
-        self.val_decode_batches = val_decode_batches
+        self.val_decode_clips = val_decode_clips
         self.max_nonfinite_steps = max_nonfinite_steps
         self.batch_stats: dict[str, float] = {}
         self.skips = StepSkips()
@@ -399,7 +399,11 @@ class SparQLeModule(L.LightningModule):
             if self._trainer is not None and self.trainer.training:
                 self._note_clip_seconds(batch["audio_lens"])
         else:
-            batch = {**batch, **(self._last_batch or self._silence()), "standin": True}
+            # training: the last real batch, so the step's shapes stay alike; evaluation: one
+            # second of silence (it counts nothing either way)
+            training = self._trainer is not None and self.trainer.training
+            standin = self._last_batch if training and self._last_batch else self._silence()
+            batch = {**batch, **standin, "standin": True}
         batch["stats"] = {
             "audio_seconds": float(batch["audio_lens"].sum()) / self.model.encoder.sample_rate,
             "samples": len(batch["id"]),
@@ -431,19 +435,28 @@ class SparQLeModule(L.LightningModule):
         }
 
     # ----------------------------------------------------------------- steps
-    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _losses(self, batch: dict[str, Any], validating: bool = False) -> dict[str, torch.Tensor]:
+        """The stage's losses on a batch. Validating: a stand-in batch counts nothing (no rows,
+        no tokens), stage 2's loss is this rank's sum over its tokens, and stage 1 takes each
+        row's hardest negative instead of drawing one."""
         speech, lens = speech_input(batch)
+        counts = not (validating and batch.get("standin"))
         if self.stage == "pretrain":
-            return self.model.pretrain(speech, lens, batch["text"])
+            return self.model.pretrain(
+                speech, lens, batch["text"], contributes=counts, sample_negatives=not validating
+            )
         loss, inputs = self.model(
             speech,
             lens,
             batch["instruction"],
             batch["target"],
             batch.get("speech_lengths"),
+            scored=counts,
+            summed=validating,
         )
         return {
             "loss": loss,
+            "target_tokens": inputs.scored_tokens,
             "llm_tokens": inputs.positions,
             "adapter_positions": inputs.speech_positions,
             "llm_rows": inputs.row_lengths,
@@ -530,9 +543,9 @@ class SparQLeModule(L.LightningModule):
         )
 
     def on_validation_start(self) -> None:
-        # Validation draws random numbers too (ITM negatives); keep them out of the training stream
-        # so a run resumed from a checkpoint replays training exactly (on GPU the CUDA generators
-        # draw dropout and ITM negatives: they are saved with the CPU, numpy and Python ones).
+        # Validation draws random numbers too (dropout stays off, but a stand-in's data); keep them
+        # out of the training stream so a run resumed from a checkpoint replays training exactly
+        # (on GPU the CUDA generators are saved with the CPU, numpy and Python ones).
         self._rng_before_val = _rng_state()
 
     def on_validation_end(self) -> None:
@@ -541,46 +554,72 @@ class SparQLeModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val = defaultdict(list)
         self._val_sums: dict[str, torch.Tensor] = {}
+        self._val_decoded = 0  # clips decoded so far, over every rank
 
-    def _val_add(self, name: str, value: torch.Tensor, weight: int) -> None:
-        """Corpus sums (value x weight, weight), reduced over ranks at the epoch's end."""
-        pair = torch.stack([value.detach().float() * weight, value.new_tensor(float(weight))])
-        self._val_sums[name] = self._val_sums.get(name, 0) + pair
+    def _val_add(self, name: str, total: torch.Tensor, weight: float) -> None:
+        """A (sum, weight) pair for a figure averaged over the whole validation set, reduced over
+        ranks at the epoch's end: the figure is then the same however the set was batched or
+        split over ranks. A zero weight adds nothing (whatever `total` is)."""
+        total = total.detach().float() if weight else torch.zeros_like(total, dtype=torch.float)
+        self._val_sums[name] = self._val_sums.get(name, 0) + torch.stack(
+            [total, total.new_tensor(float(weight))]
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        weight = 0 if batch.get("standin") else len(batch["id"])
-        out = self._losses(batch)
-        for k in ("loss", "itc", "itm", "itg", "query_spread"):
-            if k in out:
-                self._val_add(k, out[k], weight)
+        """Figures over the validation set, equal to one process's on any number of ranks: each
+        averaged over what it is a mean of (clips, ITG and LLM target tokens); a rank with
+        nothing (a stand-in) adds nothing, and decodes only where the model is sharded (every
+        rank must then take part in each generation step)."""
+        standin = bool(batch.get("standin"))
+        clips = 0 if standin else len(batch["id"])
+        out = self._losses(batch, validating=True)
         if self.stage == "pretrain":
-            hits = (out["sim_s2t"].argmax(1) == out["itc_targets"]).float().mean()
-            self._val_add("r_at_1_in_batch", hits, weight)
-        elif batch_idx < self.val_decode_batches:
-            hyps = self.model.generate(
-                *speech_input(batch), batch["instruction"], **self.generation
+            for k in ("itc", "itm", "query_spread", "query_spread_hinge"):
+                self._val_add(k, out[k] * clips, clips)
+            self._val_add(
+                "itg", out["itg"] * out["itg_tokens"], 0 if standin else out["itg_tokens"]
             )
-            if not weight:
-                return
-            for i, hyp in enumerate(hyps):
-                key = (
-                    batch["task"][i]
-                    if batch["task"][i] == TRANSCRIBE
-                    else f"translate_{batch['lang'][i]}"
-                )
-                audio = (  # none to play back from feature shards
-                    batch["audio"][i, : batch["audio_lens"][i]].cpu().numpy()
-                    if "audio" in batch
-                    else None
-                )
-                self._val[key].append((batch["id"][i], batch["target"][i], hyp, audio))
+            hits = (out["sim_s2t"].argmax(1) == out["itc_targets"]).float().sum()
+            self._val_add("r_at_1_in_batch", hits, clips)
+            return
+        self._val_add("loss", out["loss"], out["target_tokens"])
+        if self._val_decoded >= self.val_decode_clips:
+            return
+        self._val_decoded += int(sum(gather_objects(clips)))  # the same count on every rank
+        if standin and not self._sharded():
+            return
+        hyps = self.model.generate(*speech_input(batch), batch["instruction"], **self.generation)
+        for i, hyp in enumerate(hyps[:clips]):
+            key = (
+                batch["task"][i]
+                if batch["task"][i] == TRANSCRIBE
+                else f"translate_{batch['lang'][i]}"
+            )
+            audio = (  # none to play back from feature shards
+                batch["audio"][i, : batch["audio_lens"][i]].cpu().numpy()
+                if "audio" in batch
+                else None
+            )
+            self._val[key].append((batch["id"][i], batch["target"][i], hyp, audio))
+
+    def _sharded(self) -> bool:
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDP2Strategy)
 
     def on_validation_epoch_end(self) -> None:
         """Every metric over all ranks' utterances: sums reduced, hypotheses gathered, so the
         figures equal a one-process validation of the same data."""
+        reduced = {}
         for name in sorted(self._val_sums):  # the same names, in the same order, on every rank
             total, weight = all_reduce_sum(self._val_sums[name]).unbind()
-            self.log(f"val/{name}", total / weight.clamp(min=1), prog_bar=name == "loss")
+            reduced[name] = total / weight.clamp(min=1)
+        if self.stage == "pretrain":  # stage 1's loss from its parts, each averaged as above
+            reduced["loss"] = reduced["itc"] + reduced["itm"] + reduced["itg"]
+            spread_weight = self.model.heads.query_spread_weight
+            if spread_weight > 0:
+                reduced["loss"] = reduced["loss"] + spread_weight * reduced["query_spread_hinge"]
+            reduced.pop("query_spread_hinge")
+        for name in sorted(reduced):
+            self.log(f"val/{name}", reduced[name], prog_bar=name == "loss")
         mine = {k: [row[:3] for row in rows] for k, rows in self._val.items()}
         merged: dict[str, list] = defaultdict(list)
         for part in gather_objects(mine):

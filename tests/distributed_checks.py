@@ -1,7 +1,7 @@
 """Scenarios the distributed tests run on 1 process or under `torchrun --nproc-per-node 2`.
 
     python tests/distributed_checks.py faults OUT --strategy ddp|fsdp|hsdp OVERRIDES...
-    python tests/distributed_checks.py validate OUT OVERRIDES...
+    python tests/distributed_checks.py validate OUT --batches 1,4 --shards DIR OVERRIDES...
     python tests/distributed_checks.py host_reads OUT OVERRIDES...
 
 Each rank writes OUT.rank<r>.pt with what the test asserts on.
@@ -141,29 +141,51 @@ def partial_references(module: SparQLeModule) -> None:
         return real_step(batch, batch_idx)
 
     def generate(audio, audio_lens, instructions, **kwargs):
-        return [" ".join(t.split()[: 1 + len(t) % 4]) for t in targets]
+        return [" ".join(t.split()[: 1 + len(t) % 4]) for t in targets][: len(instructions)]
 
     module.validation_step = step
     module.model.generate = generate
 
 
-def validate(out: str, overrides: list[str]) -> None:
-    """Validation metrics of three models: stage 1 (R@1), stage 2 on ASR (WER) and on
-    translation (BLEU), over the same validation set."""
+def validate(out: str, overrides: list[str], batches: list[int], shards: str) -> None:
+    """Validation figures over the whole validation set, for every (data module, per-rank batch
+    size, model): stage 1 (ITC/ITM/ITG/R@1), stage 2 on ASR (loss, WER) and on translation
+    (loss, BLEU). `shards`: a folder with val.json, the validation clips as shards."""
     results = {}
-    for stage, task in (
-        ("pretrain", "transcribe"),
-        ("instruct", "transcribe"),
-        ("instruct", "translate_de"),
-    ):
-        cfg = config([f"stage={stage}", f"data.val_tasks={{{task}: 1.0}}", *overrides])
-        L.seed_everything(cfg.seed)
-        module = SparQLeModule(**module_kwargs(cfg))
-        if task != "transcribe":
-            partial_references(module)
-        run = trainer("ddp")
-        run.validate(module, datamodule=instantiate(cfg.data), verbose=False)
-        results[f"{stage}/{task}"] = {k: float(v) for k, v in run.callback_metrics.items()}
+    data = {
+        "manifest": lambda b, task: [
+            "data=manifest",
+            f"data.val_batch_size={b}",
+            f"data.val_tasks={{{task}: 1.0}}",
+        ],
+        "shards": lambda b, task: [
+            "data=shards",
+            f"data.train.main.urls={shards}/val.json",
+            f"data.val.urls={shards}/val.json",
+            f"data.batch_size={b}",
+            "data.num_workers=0",
+            # evaluation gives every clip the task of highest weight
+            *([f"+data.val.tasks.{task}=2.0"] if task != "transcribe" else []),
+        ],
+    }
+    for kind, data_overrides in data.items():
+        for b in batches:
+            for stage, task in (
+                ("pretrain", "transcribe"),
+                ("instruct", "transcribe"),
+                ("instruct", "translate_de"),
+            ):
+                # the manifests' paths are data=manifest's keys only
+                common = [o for o in overrides if kind == "manifest" or "_manifest=" not in o]
+                cfg = config([*data_overrides(b, task), *common, f"stage={stage}"])
+                L.seed_everything(cfg.seed)
+                module = SparQLeModule(**module_kwargs(cfg))
+                if stage == "instruct":
+                    partial_references(module)
+                run = trainer("ddp")
+                run.validate(module, datamodule=instantiate(cfg.data), verbose=False)
+                key = f"{kind}/b{b}/{stage}/{task}"
+                results[key] = {k: float(v) for k, v in run.callback_metrics.items()}
     torch.save(results, f"{out}.rank{RANK}.pt")
 
 
@@ -207,6 +229,8 @@ if __name__ == "__main__":
     p.add_argument("scenario", choices=["faults", "validate", "host_reads"])
     p.add_argument("out")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "hsdp"])
+    p.add_argument("--batches", default="1,4", help="validate: per-rank batch sizes")
+    p.add_argument("--shards", default="", help="validate: the folder of the tiny shards")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     if args.scenario == "faults":
@@ -214,4 +238,4 @@ if __name__ == "__main__":
     elif args.scenario == "host_reads":
         host_reads(args.out, args.overrides)
     else:
-        validate(args.out, args.overrides)
+        validate(args.out, args.overrides, [int(b) for b in args.batches.split(",")], args.shards)

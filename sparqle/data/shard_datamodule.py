@@ -4,9 +4,9 @@ Training: sparqle/data/shard_stream.py (deterministic per rank and worker, resum
 the checkpoint holds every rank's position). Bad samples are skipped and counted per reason; the
 counts ride along in each batch.
 
-Evaluation on several ranks: every rank forms the same batches and decodes only its share of
-each (item i of a batch goes to rank i % world), so all ranks step the same number of times and
-together see exactly what one process would.
+Evaluation on several ranks: every rank forms the same batches, each `world` times a rank's
+bounds, and decodes only its share (item i of a batch goes to rank i % world), so all ranks step
+the same number of times and together see exactly what one process would.
 """
 
 from __future__ import annotations
@@ -208,14 +208,23 @@ class ShardDataModule(L.LightningDataModule):
         self, counter: SkipCounter, bucket: dict[str, Any], sources: Mapping[str, Mapping[str, Any]]
     ) -> Callable[[Iterable], Iterator[dict[str, Any]]]:
         """Evaluation: candidates -> bucketed batches -> this rank's share -> decoded, collated.
+        The bucket's bounds are per rank: a batch is formed for all ranks at once (`world` times
+        the clips, seconds and tokens) and item i goes to rank i % world, so each rank decodes as
+        much as one process would and every rank takes the same number of steps.
         `sources` ({config key: source}) tell the feature size where they are feature shards."""
         rank, size = self._rank_world()
         record = feature_record(sources)
         dim = record["hidden_size"] if record else None
+        scaled = {
+            **bucket,
+            "max_batch_size": bucket["max_batch_size"] * size,
+            "max_seconds": bucket["max_seconds"] * size,
+            "max_tokens": None if bucket.get("max_tokens") is None else bucket["max_tokens"] * size,
+        }
 
         def stage(cands):
             batches = bucket_batches(
-                cands, pool_size=self.pool_size, rng=random.Random(self.seed), **bucket
+                cands, pool_size=self.pool_size, rng=random.Random(self.seed), **scaled
             )
             decoded = (
                 (None, decode_batch(b[rank::size], self.sample_rate, counter, dim)) for b in batches

@@ -61,6 +61,7 @@ class LLMInputs:
     pad_left: bool = False
     scored_from: int = 0  # the first position whose next-token prediction some row scores
     row_lengths: list[int] | None = None  # real positions per row (host-side)
+    scored_tokens: int = 0  # target tokens whose prediction the loss counts (host-side)
 
 
 class LLM(nn.Module):
@@ -146,8 +147,10 @@ class LLM(nn.Module):
         targets: list[str] | None = None,
         pad_left: bool = False,
         speech_lengths: list[int] | None = None,
+        scored: bool = True,
     ) -> LLMInputs:
-        """Splice speech embeddings (B, N, H) into the prompts; with targets, add labels.
+        """Splice speech embeddings (B, N, H) into the prompts; with targets, add labels
+        (`scored=False`: none, for a stand-in batch that must run but count nothing).
 
         Training pads right; generation pads left so every prompt ends at the last position.
         The layout (token ids, labels, where each speech embedding goes) is built on the host
@@ -173,7 +176,7 @@ class LLM(nn.Module):
         for i, (row, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
             start = width - len(row) if pad_left else 0
             token_ids[i, start : start + len(row)] = torch.tensor(row)
-            if labels is not None:
+            if labels is not None and scored:
                 labels[i, start + p : start + len(row)] = torch.tensor(row[p:])
             s0, n = start + speech_starts[i], int(speech_lengths[i])
             source[i, s0 : s0 + n] = b * width + i * n_max + torch.arange(n)
@@ -194,6 +197,7 @@ class LLM(nn.Module):
             pad_left=pad_left,
             scored_from=min(prompt_lengths) - 1 if not pad_left else 0,
             row_lengths=[len(r) for r in rows],
+            scored_tokens=sum(len(t) for t in tgt) if targets is not None and scored else 0,
         )
 
     def forward(self, inputs: LLMInputs) -> torch.Tensor:
@@ -203,6 +207,14 @@ class LLM(nn.Module):
         which DDP/FSDP's gradient averaging divides out again), so a token weighs the same
         whichever rank holds it: training on N ranks equals one process on their joint batch, as
         in fairseq, which the reference trained with.
+        """
+        loss = self.summed_loss(inputs)
+        tokens = all_reduce_sum((inputs.labels != -100).sum()).clamp(min=1)
+        return loss * world()[1] / tokens
+
+    def summed_loss(self, inputs: LLMInputs) -> torch.Tensor:
+        """The next-token loss summed over this rank's target tokens (`inputs.scored_tokens` of
+        them): no collective, so validation can add sums and counts over any batching.
 
         Rows are padded on the right, so causal attention alone keeps padding out of every real
         position: no attention mask is passed (transformers would read it back to the host to
@@ -216,14 +228,12 @@ class LLM(nn.Module):
         keep = width - inputs.scored_from
         logits = self.model(inputs_embeds=inputs.inputs_embeds, logits_to_keep=keep).logits
         labels = inputs.labels[:, inputs.scored_from + 1 :]
-        loss = F.cross_entropy(
+        return F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(),
             labels.flatten(),
             ignore_index=-100,
             reduction="sum",
         )
-        tokens = all_reduce_sum((labels != -100).sum()).clamp(min=1)
-        return loss * world()[1] / tokens
 
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int = 128, **kwargs) -> list[str]:

@@ -124,28 +124,42 @@ class SpeechTextPretrainer(nn.Module):
         return sim_s2t, sim_t2s
 
     def forward(
-        self, qformer: SpeechQFormer, features: torch.Tensor, mask: torch.Tensor, texts: list[str]
+        self,
+        qformer: SpeechQFormer,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        texts: list[str],
+        contributes: bool = True,
+        sample_negatives: bool = True,
     ) -> dict[str, torch.Tensor]:
+        """The three losses (and what validation and logging read). `contributes=False`: a
+        stand-in batch that takes part in the collectives with no rows, so no rank's figures
+        count it (its own losses come out 0). `sample_negatives=False`: ITM takes each row's
+        hardest negative (the most similar non-pair) instead of drawing one, so validation draws
+        no random numbers and gives the same figure however the batch is split over ranks."""
         text = self.tokenize(texts, features.device)
         ids, text_mask = text["input_ids"], text["attention_mask"]
         b, nq = features.shape[0], qformer.num_queries
+        n = b if contributes else 0  # rows this rank adds to the batch gathered over ranks
 
         # ITC
         query_out = qformer(features, mask)
         speech_feat = F.normalize(self.speech_proj(query_out).float(), dim=-1)  # (B, Nq, E)
         text_out = qformer.encode_text(ids, text_mask)
         text_feat = F.normalize(self.text_proj(text_out[:, 0]).float(), dim=-1)  # (B, E)
-        all_speech, offset = gather_rows(speech_feat)
-        all_text, _ = gather_rows(text_feat)
-        sim_s2t, sim_t2s = self.similarities(speech_feat, text_feat, all_speech, all_text)
-        targets = torch.arange(b, device=features.device) + offset
+        all_speech, offset = gather_rows(speech_feat[:n])
+        all_text, _ = gather_rows(text_feat[:n])
+        sim_s2t, sim_t2s = self.similarities(speech_feat[:n], text_feat[:n], all_speech, all_text)
+        targets = torch.arange(n, device=features.device) + offset
         itc = (
             F.cross_entropy(sim_s2t, targets, label_smoothing=self.label_smoothing)
             + F.cross_entropy(sim_t2s, targets, label_smoothing=self.label_smoothing)
         ) / 2
 
         # ITM with hard negatives from the batch of every rank
-        itm = self._itm(qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset)
+        itm = self._itm(
+            qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset, n, sample_negatives
+        )
 
         # ITG
         dec_ids = ids.clone()
@@ -162,32 +176,39 @@ class SpeechTextPretrainer(nn.Module):
             label_smoothing=self.label_smoothing,
         )
         spread = query_spread(query_out)
+        hinge = F.relu(self.query_spread_target - spread).mean()
         loss = itc + itm + itg
         if self.query_spread_weight > 0:
-            hinge = F.relu(self.query_spread_target - spread).mean()
             loss = loss + self.query_spread_weight * hinge
+        if not contributes:  # computed for the collectives and backward's shape; counts nothing
+            itc, itm, loss = itc.nan_to_num(0.0) * 0.0, itm * 0.0, loss.nan_to_num(0.0) * 0.0
         return {
             "itc": itc,
             "itm": itm,
             "itg": itg,
             "loss": loss,
             "query_spread": spread.detach().mean(),
+            "query_spread_hinge": hinge.detach(),
             "sim_s2t": sim_s2t.detach(),
             "itc_targets": targets,
             "temperature": self.temp.detach().squeeze().clone(),  # FSDP frees the gathered one
             "text_lengths": text["lengths"],
+            # the tokens ITG predicts (all but the first of each text): host-side, for averaging
+            "itg_tokens": sum(max(0, t - 1) for t in text["lengths"]),
         }
 
     def _itm(
-        self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset
+        self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset, n, sample
     ) -> torch.Tensor:
         b = features.shape[0]
-        all_feats, _ = gather_rows(features)
-        all_mask, _ = gather_rows(mask)
-        all_ids, _ = gather_rows(ids, pad_value=self.tokenizer.pad_token_id)
-        all_text_mask, _ = gather_rows(text_mask)
+        all_feats, _ = gather_rows(features[:n])
+        all_mask, _ = gather_rows(mask[:n])
+        all_ids, _ = gather_rows(ids[:n], pad_value=self.tokenizer.pad_token_id)
+        all_text_mask, _ = gather_rows(text_mask[:n])
         total = all_feats.shape[0]
-        if total < 2:  # no negatives to draw; a zero that still reaches the head keeps DDP happy
+        # no negatives to draw, or nothing of this rank's to score: a zero that still reaches
+        # the head keeps DDP happy
+        if total < 2 or n == 0:
             return sum(p.sum() for p in self.itm_head.parameters()) * 0.0
         # every part padded to the widest on any rank, so local and gathered rows concatenate
         features = pad_to(features, [b, *all_feats.shape[1:]])
@@ -195,16 +216,21 @@ class SpeechTextPretrainer(nn.Module):
         ids = pad_to(ids, [b, all_ids.shape[1]], self.tokenizer.pad_token_id)
         text_mask = pad_to(text_mask, [b, all_text_mask.shape[1]])
         with torch.no_grad():
-            own = torch.arange(b, device=ids.device) + offset
+            rows = torch.arange(b, device=ids.device)
+            own = rows + offset
             # Pairs with the same transcript are not negatives; nor is a row's own pair.
             same = (ids[:, None, :] == all_ids[None, :, :]).all(-1)
-            same[torch.arange(b, device=ids.device), own] = True
-            w_s2t = F.softmax(sim_s2t.float(), dim=1).masked_fill(same, 0) + 1e-9
-            w_t2s = F.softmax(sim_t2s.float(), dim=1).masked_fill(same, 0) + 1e-9
-            w_s2t[torch.arange(b, device=ids.device), own] = 0
-            w_t2s[torch.arange(b, device=ids.device), own] = 0
-            neg_text = torch.multinomial(w_s2t, 1).squeeze(1)  # per speech, a hard negative text
-            neg_speech = torch.multinomial(w_t2s, 1).squeeze(1)  # per text, a hard negative speech
+            same[rows, own] = True
+            if sample:  # BLIP-2: drawn by similarity
+                w_s2t = F.softmax(sim_s2t.float(), dim=1).masked_fill(same, 0) + 1e-9
+                w_t2s = F.softmax(sim_t2s.float(), dim=1).masked_fill(same, 0) + 1e-9
+                w_s2t[rows, own] = 0
+                w_t2s[rows, own] = 0
+                neg_text = torch.multinomial(w_s2t, 1).squeeze(1)  # per speech, a negative text
+                neg_speech = torch.multinomial(w_t2s, 1).squeeze(1)  # per text, a negative speech
+            else:  # the hardest: the most similar non-pair
+                neg_text = sim_s2t.float().masked_fill(same, -torch.inf).argmax(1)
+                neg_speech = sim_t2s.float().masked_fill(same, -torch.inf).argmax(1)
         speech_all = torch.cat([features, all_feats[neg_speech], features])
         mask_all = torch.cat([mask, all_mask[neg_speech], mask])
         ids_all = torch.cat([ids, ids, all_ids[neg_text]])

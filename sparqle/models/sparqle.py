@@ -77,20 +77,34 @@ class SparQLe(nn.Module):
         instructions: list[str],
         targets: list[str],
         speech_lengths: list[int] | None = None,
+        scored: bool = True,
+        summed: bool = False,
     ) -> tuple[torch.Tensor, LLMInputs]:
-        """Stage 2: (mean next-token loss over the targets, the LLM inputs it was computed on)."""
+        """Stage 2: (the next-token loss over the targets, the LLM inputs it was computed on).
+        The loss is the mean over every rank's target tokens, or with `summed` this rank's sum
+        (`inputs.scored_tokens` tokens; validation adds them up). `scored=False` counts no token
+        (a stand-in batch)."""
         speech, mask = self.embed_speech(audio, audio_lens)
         inputs = self.llm.build_inputs(
-            speech, mask, instructions, targets, speech_lengths=speech_lengths
+            speech, mask, instructions, targets, speech_lengths=speech_lengths, scored=scored
         )
-        return self.llm(inputs), inputs
+        loss = self.llm.summed_loss(inputs) if summed else self.llm(inputs)
+        return loss, inputs
 
     def pretrain(
-        self, audio: torch.Tensor, audio_lens: torch.Tensor, texts: list[str]
+        self,
+        audio: torch.Tensor,
+        audio_lens: torch.Tensor,
+        texts: list[str],
+        contributes: bool = True,
+        sample_negatives: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Stage 1: the Q-Former's contrastive, matching and generation losses."""
+        """Stage 1: the Q-Former's contrastive, matching and generation losses
+        (see SpeechTextPretrainer.forward for `contributes` and `sample_negatives`)."""
         enc = self.encode(audio, audio_lens)
-        return self.heads(self.adapter.qformer, enc.features, enc.mask, texts)
+        return self.heads(
+            self.adapter.qformer, enc.features, enc.mask, texts, contributes, sample_negatives
+        )
 
     @torch.no_grad()
     def generate(
