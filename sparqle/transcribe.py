@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="longest piece given to the model (default: the longest clip it trained on, else 30)",
     )
+    p.add_argument(
+        "--no-vad",
+        action="store_true",
+        help="decode every file whole (no voice activity detection, no cutting at pauses)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=1)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             continue
         ok[i] = True
-        spans = speech_pieces(audio, sr, max_seconds)
+        spans = [(0, len(audio))] if args.no_vad else speech_pieces(audio, sr, max_seconds)
         if not spans:
             print(f"note: {name}: no speech found", file=sys.stderr)
         pieces += [(i, k, torch.from_numpy(audio[a:b])) for k, (a, b) in enumerate(spans)]
