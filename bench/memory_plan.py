@@ -74,12 +74,17 @@ def main() -> None:
         f"per rank: {shape.batch} utterances x {shape.seconds:.0f} s, prompt {shape.prompt_tokens} "
         f"+ target {shape.target_tokens} LLM tokens (tokenizer: {module.model.llm.name_or_path if module.model.llm else '-'})"
     )
+    checkpointed = bool(cfg.llm.get("activation_checkpointing")) or (
+        name in ("fsdp", "hybrid") and bool(strategy.get("activation_checkpointing"))
+    )
+    kw = {"compute_bytes": compute, "checkpointed": checkpointed}
     plans = {
-        "1 GPU": plan(module, shape, "single", 1, compute_bytes=compute),
-        f"DDP x{world}": plan(module, shape, "ddp", world, compute_bytes=compute),
-        f"FSDP x{world}": plan(module, shape, "fsdp", world, compute_bytes=compute),
+        "1 GPU": plan(module, shape, "single", 1, **kw),
+        f"DDP x{world}": plan(module, shape, "ddp", world, **kw),
+        f"FSDP x{world}": plan(module, shape, "fsdp", world, **kw),
     }
-    print(f"\nper-GPU GiB (configured: {name}, {world} GPUs)")
+    recompute = ", LLM layers recomputed in backward" if checkpointed else ""
+    print(f"\nper-GPU GiB (configured: {name}, {world} GPUs{recompute})")
     print(f"{'':32s}" + "".join(f"{k:>12s}" for k in plans))
     for row in ROWS:
         print(f"{row:32s}" + "".join(f"{v.get(row, 0) / GiB:12.1f}" for v in plans.values()))

@@ -16,7 +16,10 @@ dtype. Activations are estimated per block from what autograd keeps for backward
 - logits: scored positions x vocabulary x (b + 4 + 4): the logits, their fp32 copy for the
   loss and its gradient (stage 2 makes logits only from the first target position on);
 - the frozen encoder runs without autograd: only its largest transient (the conv front end's
-  first layer at the audio rate) counts, and it is freed before the adapter and LLM run.
+  first layer at the audio rate) counts, and it is freed before the adapter and LLM run;
+- with activation checkpointing on the LLM (`llm.activation_checkpointing`, or FSDP's
+  `trainer.strategy.activation_checkpointing`), a layer keeps only its input (h values a token
+  in the compute dtype) and one layer's activations exist at a time, while backward recomputes it.
 """
 
 from __future__ import annotations
@@ -66,8 +69,12 @@ def parameter_bytes(module) -> dict[str, int]:
     return {**frozen, "trained_params": trained}
 
 
-def activation_bytes(module, shape: StepShape, compute_bytes: int = 2) -> dict[str, int]:
-    """Estimated bytes kept for backward (and the encoder's transient peak) for one step."""
+def activation_bytes(
+    module, shape: StepShape, compute_bytes: int = 2, checkpointed: bool | None = None
+) -> dict[str, int]:
+    """Estimated bytes kept for backward (and the encoder's transient peak) for one step.
+    `checkpointed`: the LLM's layers are recomputed in backward (None: as the module's LLM was
+    built)."""
     model, b = module.model, compute_bytes
     enc = model.encoder
     frames = int(shape.seconds * enc.frame_rate)
@@ -109,7 +116,12 @@ def activation_bytes(module, shape: StepShape, compute_bytes: int = 2) -> dict[s
             shape.prompt_tokens + _speech_slots(model, frames) + shape.target_tokens
         )
         per_token = frozen_decoder_layer_bytes(cfg.hidden_size, kv, cfg.intermediate_size, heads, b)
-        out["llm"] = cfg.num_hidden_layers * per_token * tokens
+        if checkpointed is None:
+            checkpointed = bool(getattr(model.llm, "activation_checkpointing", False))
+        if checkpointed:  # each layer's input kept; one layer's activations while recomputed
+            out["llm"] = (cfg.num_hidden_layers * b * cfg.hidden_size + per_token) * tokens
+        else:
+            out["llm"] = cfg.num_hidden_layers * per_token * tokens
         # logits only from the first scored position on (`LLM.forward`): the target and its end
         out["logits"] = shape.batch * (shape.target_tokens + 1) * cfg.vocab_size * (b + 4 + 4)
     return out
@@ -126,7 +138,7 @@ def _speech_slots(model, frames: int) -> int:
 
 def _largest_unit_bytes(module: nn.Module, compute_bytes: int) -> tuple[int, int]:
     """(largest block, LLM tail kept gathered) in the compute dtype, for FSDP's working set."""
-    from sparqle.strategies import block_classes
+    from sparqle.models.blocks import block_classes
 
     blocks = tuple(block_classes(module))
     largest = max(
@@ -148,13 +160,14 @@ def plan(
     world: int = 1,
     shard_group: int | None = None,
     compute_bytes: int = 2,
+    checkpointed: bool | None = None,
 ) -> dict[str, float]:
     """Per-GPU bytes by component. `strategy` is single, ddp or fsdp; FSDP shards over
     `shard_group` ranks (the world, or the GPUs of a node with hybrid sharding)."""
     params = parameter_bytes(module)
     frozen = params["encoder"] + params["adapter"] + params["llm"]
     n = params["trained_params"]
-    acts = activation_bytes(module, shape, compute_bytes)
+    acts = activation_bytes(module, shape, compute_bytes, checkpointed)
     out = {
         "frozen weights": frozen,
         "trained weights (fp32)": 4 * n,
@@ -184,7 +197,7 @@ def plan(
 
 
 def _block_types(module):
-    from sparqle.strategies import block_classes
+    from sparqle.models.blocks import block_classes
 
     return block_classes(module)
 

@@ -19,7 +19,8 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
-from transformers import PreTrainedModel
+
+from sparqle.models.blocks import block_classes, checkpoint_blocks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -27,30 +28,6 @@ if TYPE_CHECKING:
     from sparqle.models.sparqle import SparQLe
 
 SHARDINGS = ("full", "hybrid")
-
-
-def block_classes(root: nn.Module) -> set[type[nn.Module]]:
-    """The transformer block class of every transformers model inside root.
-
-    For each model, the largest list of identical blocks that hold attention: LLM decoder layers,
-    speech-encoder layers (not the conv front end), Q-Former layers.
-    """
-    classes: set[type[nn.Module]] = set()
-    for model in root.modules():
-        if not isinstance(model, PreTrainedModel):
-            continue
-        lists = [
-            m
-            for m in model.modules()
-            if isinstance(m, nn.ModuleList)
-            and len(m) > 1
-            and len({type(c) for c in m}) == 1
-            and any("attn" in name or "attention" in name for name, _ in m[0].named_children())
-        ]
-        if lists:
-            biggest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-            classes.add(type(biggest[0]))
-    return classes
 
 
 def _trains(module: nn.Module) -> bool:
@@ -97,16 +74,8 @@ def shard_model(
         plan.append(([model.heads], False, torch.float32))
     plan.append(([model], False, None))
 
-    if activation_checkpointing:
-        for m in model.modules():
-            if (
-                isinstance(m, PreTrainedModel)
-                and m.supports_gradient_checkpointing
-                and _trains_through(m, model)
-            ):
-                m.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+    if activation_checkpointing:  # before sharding: a recomputed block is then one unit
+        checkpoint_blocks(model, keep=lambda block: _trains_through(block, model))
     names = {m: n for n, m in model.named_modules()}
     taken: set[int] = set()
     policies = []

@@ -129,3 +129,10 @@ def test_cpu_bf16_bench():
     rows = [line for line in out.splitlines() if "SmolLM2-135M fwd+bwd" in line]
     assert [r.split(":")[0].strip() for r in rows] == ["float32", "bfloat16"], out
     assert out.startswith("native bf16 on this CPU: ")
+
+
+def test_saved_activations_bench(tiny_dir):
+    out = _run("bench/saved_activations.py", "--batch", "2", f"paths.cache_dir={tiny_dir}")
+    kept, recomputed = (int(m.replace(",", "")) for m in re.findall(r":\s+([\d,]+) elements", out))
+    losses = re.findall(r"loss ([\d.]+)", out)
+    assert kept >= 3 * recomputed and losses[0] == losses[1]

@@ -57,3 +57,46 @@ def test_weights_counted_exactly_and_sharded_by_fsdp(tiny_dir, synth_data):
     assert fsdp["optimizer state (AdamW, fp32)"] == 8 * params["trained_params"] / 4
     assert fsdp["activations"] == one["activations"] > 0
     assert fsdp["peak"] < one["peak"]
+
+
+def test_checkpointed_layers_keep_only_their_inputs():
+    """Four frozen bf16 Llama layers recomputed in backward keep ~h values a token each (their
+    inputs), as the plan counts, against 12h + 4kv + 6I bytes without."""
+    from torch.distributed._composable import checkpoint
+
+    h, inter, heads, kv_heads = 256, 688, 4, 2
+    cfg = LlamaConfig(
+        hidden_size=h,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        attn_implementation="sdpa",
+    )
+    layers = torch.nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(4))
+    layers = layers.to(torch.bfloat16).requires_grad_(False)
+    for layer in layers:
+        checkpoint(layer)
+
+    class Stack(torch.nn.Module):
+        def forward(self, x, position_embeddings, attention_mask=None):
+            for layer in layers:
+                x = layer(x, position_embeddings=position_embeddings, attention_mask=None)
+            return x
+
+    params = {p.untyped_storage().data_ptr() for p in layers.parameters()}
+    rotary = LlamaRotaryEmbedding(cfg)
+    per_token = (
+        _saved_bytes(Stack(), params, 512, h, rotary)
+        - _saved_bytes(Stack(), params, 256, h, rotary)
+    ) / 256
+    assert abs(per_token - 4 * 2 * h) / (4 * 2 * h) < 0.1, per_token
+    assert per_token * 5 < 4 * frozen_decoder_layer_bytes(h, kv_heads * h // heads, inter, heads)
+
+
+def test_the_plan_counts_checkpointing_on_the_llm(tiny_dir, synth_data):
+    module = make_module(tiny_dir, synth_data, "stage=instruct")
+    shape = StepShape(batch=4, seconds=4.0, prompt_tokens=30, target_tokens=20, text_tokens=16)
+    kept = plan(module, shape, "single")["breakdown"]["llm"]
+    recomputed = plan(module, shape, "single", checkpointed=True)["breakdown"]["llm"]
+    # the tiny LLM has 2 layers: their inputs kept, one layer live while recomputed
+    assert recomputed < kept

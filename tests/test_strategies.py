@@ -13,9 +13,10 @@ import torch
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerLayer
 
 from sparqle.config import module_kwargs
+from sparqle.models.blocks import block_classes
 from sparqle.models.tiny import save_llama, tiny_llm_tokenizer
 from sparqle.module import SparQLeModule
-from sparqle.strategies import block_classes, cpu_has_native_bf16
+from sparqle.strategies import cpu_has_native_bf16
 from tests.conftest import ROOT
 from tests.test_module import make_cfg, make_module
 
@@ -93,8 +94,15 @@ def runs(tiny_dir, synth_data, wide_llm, tmp_path_factory):
     fp32 = ("encoder.dtype=float32", "llm.dtype=float32", "trainer.strategy.compute_dtype=float32")
     plans = {
         "one/fp32": ("data.batch_size=4", "encoder.dtype=float32", "llm.dtype=float32"),
-        "ddp/fp32": ("trainer=ddp", *ON_TWO_CPUS, "encoder.dtype=float32", "llm.dtype=float32"),
-        "fsdp/fp32": (*FSDP, *fp32),
+        # with the frozen LLM's layers recomputed in backward, by either path (same weights)
+        "ddp/fp32": (
+            "trainer=ddp",
+            *ON_TWO_CPUS,
+            "encoder.dtype=float32",
+            "llm.dtype=float32",
+            "llm.activation_checkpointing=true",
+        ),
+        "fsdp/fp32": (*FSDP, *fp32, "trainer.strategy.activation_checkpointing=true"),
         "one/paper": ("data.batch_size=4", *PAPER_DTYPES, LORA),
         "fsdp/paper": (*FSDP, *PAPER_DTYPES, LORA, "trainer.strategy.compute_dtype=float32"),
     }

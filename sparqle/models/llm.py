@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sparqle.distributed import all_reduce_sum, world
+from sparqle.models.blocks import checkpoint_blocks
 
 SPEECH_PLACEHOLDER = "<|speech|>"
 SPEECH_SLOT = -1  # token_ids value at positions filled with speech embeddings
@@ -75,7 +76,7 @@ class LLM(nn.Module):
         system_prompt: str | None = None,
         speech_begin: str = "<Speech>",
         speech_end: str = "</Speech>",
-        gradient_checkpointing: bool = False,
+        activation_checkpointing: bool = False,
         max_target_tokens: int | None = None,
     ) -> None:
         super().__init__()
@@ -87,15 +88,16 @@ class LLM(nn.Module):
         self.frozen = frozen
         if frozen:
             self.model.requires_grad_(False)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
         self.lora = bool(lora)
         if lora:
             from peft import LoraConfig, get_peft_model
 
             self.model = get_peft_model(self.model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        # backward runs through every decoder layer to reach the adapter: recompute them there
+        # instead of keeping their activations (frozen and in eval mode, as they are)
+        self.activation_checkpointing = activation_checkpointing
+        if activation_checkpointing:
+            checkpoint_blocks(self.model)
         self.use_chat_template = use_chat_template and self.tokenizer.chat_template is not None
         self.system_prompt = system_prompt
         self.speech_begin, self.speech_end = speech_begin, speech_end
