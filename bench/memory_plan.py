@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_step import build_module  # noqa: E402
 
-from sparqle.memory_plan import GiB, StepShape, dtype_bytes, plan  # noqa: E402
+from sparqle.memory_plan import GiB, StepShape, communication, dtype_bytes, plan  # noqa: E402
 from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 
 ROWS = (
@@ -78,16 +78,36 @@ def main() -> None:
         name in ("fsdp", "hybrid") and bool(strategy.get("activation_checkpointing"))
     )
     kw = {"compute_bytes": compute, "checkpointed": checkpointed}
+    nodes = int(cfg.trainer.get("num_nodes", 1))
+    per_node = world // nodes
+    strategies = {"1 GPU": "single", f"DDP x{world}": "ddp", f"FSDP x{world}": "fsdp"}
+    if nodes > 1:
+        strategies[f"HSDP {nodes}x{per_node}"] = "hybrid"
     plans = {
-        "1 GPU": plan(module, shape, "single", 1, **kw),
-        f"DDP x{world}": plan(module, shape, "ddp", world, **kw),
-        f"FSDP x{world}": plan(module, shape, "fsdp", world, **kw),
+        label: plan(
+            module,
+            shape,
+            "fsdp" if s == "hybrid" else s,
+            world,
+            shard_group=per_node if s == "hybrid" else None,
+            **kw,
+        )
+        for label, s in strategies.items()
+    }
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    comms = {
+        label: communication(module, s, world, per_node, compute, accumulate)
+        for label, s in strategies.items()
     }
     recompute = ", LLM layers recomputed in backward" if checkpointed else ""
-    print(f"\nper-GPU GiB (configured: {name}, {world} GPUs{recompute})")
+    where = f"{world} GPUs" if nodes == 1 else f"{nodes} nodes x {per_node} GPUs"
+    print(f"\nper-GPU GiB (configured: {name}, {where}{recompute})")
     print(f"{'':32s}" + "".join(f"{k:>12s}" for k in plans))
     for row in ROWS:
         print(f"{row:32s}" + "".join(f"{v.get(row, 0) / GiB:12.1f}" for v in plans.values()))
+    print(f"\nreceived per GPU per optimizer step ({accumulate} micro-batches), GB")
+    for row in ("total", "across nodes"):
+        print(f"{row:32s}" + "".join(f"{c[row] / 1e9:12.1f}" for c in comms.values()))
     acts = next(iter(plans.values()))["breakdown"]
     print(
         "\nactivations by part (GiB): "

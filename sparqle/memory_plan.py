@@ -204,3 +204,43 @@ def _block_types(module):
 
 def dtype_bytes(name: str) -> int:
     return torch.finfo(getattr(torch, name)).bits // 8
+
+
+def communication(
+    module,
+    strategy: str,
+    world: int,
+    per_node: int,
+    compute_bytes: int = 2,
+    micro_batches: int = 1,
+) -> dict[str, float]:
+    """Bytes each GPU receives per optimizer step (`micro_batches` forward/backward passes), and
+    how many of them cross between nodes. Ring collectives: an all-gather or reduce-scatter over
+    k ranks moves (k-1)/k of the whole to each rank, an all-reduce twice that.
+
+    - ddp: the trained gradients (fp32) all-reduced once a step (accumulation skips the sync);
+    - fsdp: per micro-batch, every unit all-gathered for forward and, where backward runs
+      through it and it was resharded (all but the LLM's kept tail), again for backward; the
+      trained gradients reduce-scattered (fp32); all over every rank, so across nodes too;
+    - hybrid: the same gathers and reduce-scatters inside a node, then each node's gradient shard
+      all-reduced across nodes: nothing but gradients leaves a node.
+    """
+    params = parameter_bytes(module)
+    grads = 4 * params["trained_params"]
+    nodes = max(1, world // max(1, per_node))
+    ring = lambda k: (k - 1) / k if k > 1 else 0.0  # noqa: E731
+    if strategy == "single":
+        return {"total": 0.0, "across nodes": 0.0}
+    if strategy == "ddp":
+        total = 2 * ring(world) * grads
+        return {"total": total, "across nodes": total * ring(nodes) if nodes > 1 else 0.0}
+    trained = params["trained_params"] * compute_bytes
+    _, tail = _largest_unit_bytes(module, compute_bytes)
+    # encoder: forward only; LLM and adapter: forward and again for backward (tail kept)
+    gathered = params["encoder"] + 2 * (params["llm"] + params["adapter"] + trained) - tail
+    shard_ranks = world if strategy == "fsdp" else per_node
+    inside = micro_batches * ring(shard_ranks) * (gathered + grads)
+    if strategy == "fsdp":
+        return {"total": inside, "across nodes": inside * ring(nodes) if nodes > 1 else 0.0}
+    across = 2 * ring(nodes) * grads / per_node * micro_batches  # hybrid: gradient shards
+    return {"total": inside + across, "across nodes": across}

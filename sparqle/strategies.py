@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from sparqle.models.sparqle import SparQLe
 
-SHARDINGS = ("full", "hybrid")
+SHARDINGS = ("auto", "full", "hybrid")
 
 
 def _trains(module: nn.Module) -> bool:
@@ -139,13 +139,22 @@ def _optimizer_state_by_name(
     return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
+def resolve_sharding(sharding: str, num_nodes: int) -> str:
+    """`auto`: shard over every rank on one node, inside each node (HSDP) on several."""
+    if sharding == "auto":
+        return "hybrid" if num_nodes > 1 else "full"
+    return sharding
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (`fully_shard`) with SparQLe's plan; `sharding=hybrid` shards within a node and
-    replicates across nodes (HSDP, a 2-D mesh)."""
+    replicates across nodes (HSDP, a 2-D mesh); `auto` (the default) is `full` on one node and
+    `hybrid` on several, so the frozen LLM's weights are gathered over NVLink inside a node and
+    never cross the slower network between nodes each micro-batch."""
 
     def __init__(
         self,
-        sharding: str = "full",
+        sharding: str = "auto",
         compute_dtype: str = "bfloat16",
         reshard_after_forward: bool = True,
         activation_checkpointing: bool = False,
@@ -172,6 +181,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         from torch.distributed.device_mesh import init_device_mesh
 
         self._setup_distributed()
+        self.sharding = resolve_sharding(self.sharding, self.num_nodes)
         if self.sharding == "hybrid":
             shape, dims = (self.num_nodes, self.num_processes), ("replicate", "shard")
         else:

@@ -100,3 +100,20 @@ def test_the_plan_counts_checkpointing_on_the_llm(tiny_dir, synth_data):
     recomputed = plan(module, shape, "single", checkpointed=True)["breakdown"]["llm"]
     # the tiny LLM has 2 layers: their inputs kept, one layer live while recomputed
     assert recomputed < kept
+
+
+def test_communication_per_strategy_and_hybrid_keeps_the_llm_inside_a_node(tiny_dir, synth_data):
+    from sparqle.memory_plan import communication
+    from sparqle.strategies import resolve_sharding
+
+    module = make_module(tiny_dir, synth_data, "stage=instruct", "llm.dtype=bfloat16")
+    grads = 4 * parameter_bytes(module)["trained_params"]
+    ddp = communication(module, "ddp", world=32, per_node=8)
+    assert ddp["total"] == 2 * 31 / 32 * grads
+    full = communication(module, "fsdp", world=32, per_node=8)
+    hybrid = communication(module, "hybrid", world=32, per_node=8)
+    assert full["total"] > ddp["total"] and full["across nodes"] == full["total"] * 3 / 4
+    assert hybrid["across nodes"] == 2 * 3 / 4 * grads / 8  # gradient shards only
+    assert communication(module, "fsdp", world=8, per_node=8)["across nodes"] == 0
+    assert resolve_sharding("auto", 1) == "full" and resolve_sharding("auto", 4) == "hybrid"
+    assert resolve_sharding("full", 4) == "full"
