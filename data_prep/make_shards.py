@@ -2,7 +2,8 @@
 
     python -m data_prep.make_shards --manifest M.jsonl --out DIR --split NAME \
         [--workers N] [--shard-size-mb S] [--seed S] \
-        [--jobs J --cluster slurm|local [--partition P --timeout-min T]]
+        [--jobs J --cluster slurm|local [--partition P --timeout-min T]] \
+        [--remote-url 'pipe:aws s3 cp s3://bucket/shards/{name} -']
 
 Writes DIR/NAME-000000.tar ... and DIR/NAME.json. Each shard is written under a temporary
 name and renamed when complete, with its statistics beside it (NAME-000000.tar.stats.json), so
@@ -14,6 +15,10 @@ array, or local processes with --cluster local), each running --workers processe
 waits for them and merges every shard's statistics into the one index. The shard plan and each
 shard's bytes do not depend on who writes it, so the output is byte-identical to one machine's,
 and a rerun after a lost job submits only the shards that are missing.
+
+With --remote-url the index of the same shards where they will be uploaded is written too,
+DIR/NAME.remote.json (each shard's URL from the template, its samples and seconds kept): upload
+DIR, then train with data.train.main.urls=DIR/NAME.remote.json on any number of ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from sparqle.data.shards import (
     SHARD_PATTERN,
     ShardStats,
     finish_shard,
+    remote_index,
     sample_metadata,
     stats_from_json,
     stats_path,
@@ -235,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--timeout-min", type=int, default=240, help="per job")
+    p.add_argument(
+        "--remote-url",
+        default=None,
+        help="also write NAME.remote.json, each shard at this URL ({name}: its file name)",
+    )
     args = p.parse_args(argv)
     if args.jobs > 1 and not args.cluster:
         raise ValueError(f"--jobs {args.jobs}: also give --cluster slurm or --cluster local")
@@ -255,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         + (f"; skipped {index['skipped']}" if index["skipped"] else ""),
         file=sys.stderr,
     )
+    if args.remote_url:
+        remote = args.out / f"{args.split}.remote.json"
+        remote_index(args.out / f"{args.split}.json", args.remote_url, remote)
+        print(f"{args.split}: the uploaded shards' index: {remote}", file=sys.stderr)
 
 
 if __name__ == "__main__":

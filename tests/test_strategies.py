@@ -378,7 +378,7 @@ def test_validation_on_1_2_and_3_ranks_equals_one_process(tiny_dir, synth_data, 
 
 
 @pytest.mark.slow
-def test_uneven_shards_on_two_ranks_stream_equal_epochs(tiny_dir, synth_data, tmp_path):
+def test_uneven_remote_shards_on_two_ranks_stream_equal_epochs(tiny_dir, synth_data, tmp_path):
     from data_prep.make_shards import FLAC_BYTES_PER_SECOND, make_shards
     from sparqle.data.manifest import read_manifest
 
@@ -387,6 +387,13 @@ def test_uneven_shards_on_two_ranks_stream_equal_epochs(tiny_dir, synth_data, tm
     make_shards(synth_data / "train.jsonl", tmp_path / "shards", "train", shard_size_mb=third)
     make_shards(synth_data / "val.jsonl", tmp_path / "shards", "val", shard_size_mb=1)
     assert len(list((tmp_path / "shards").glob("train-*.tar"))) == 3
+    # streamed as uploaded shards are: through a pipe: command, from the index for their copies
+    from sparqle.data.shards import remote_index
+
+    remote = tmp_path / "shards" / "train.remote.json"
+    remote_index(
+        tmp_path / "shards" / "train.json", f"pipe:cat {tmp_path / 'shards'}/{{name}}", remote
+    )
     _finish(
         _start(
             [
@@ -400,7 +407,7 @@ def test_uneven_shards_on_two_ranks_stream_equal_epochs(tiny_dir, synth_data, tm
                 "val_every_n_steps=2",
                 "data.max_seconds_per_batch=8",
                 f"paths.cache_dir={tiny_dir}",
-                f"data.train.main.urls={tmp_path / 'shards' / 'train.json'}",
+                f"data.train.main.urls={remote}",
                 f"data.val.urls={tmp_path / 'shards' / 'val.json'}",
                 f"hydra.run.dir={tmp_path / 'run'}",
                 "callbacks.progress_bar=null",

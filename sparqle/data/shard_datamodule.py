@@ -291,10 +291,20 @@ class ShardDataModule(L.LightningDataModule):
         return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def batches_per_worker(self) -> int:
-        """Epoch length for resampled streams: the indexed audio once, spread over ranks and workers."""
-        seconds = sum(total_seconds(s["urls"]) or 0 for s in self.train_sources.values())
-        if seconds == 0:
-            raise ValueError("resampled mode needs index .json urls to know the epoch length")
+        """Epoch length for resampled streams: the audio once, spread over ranks and workers. A
+        source's audio seconds come from its index, else from its `seconds` key (brace patterns
+        and pipe: URLs have no index to read)."""
+        seconds = 0.0
+        for name, src in self.train_sources.items():
+            found = total_seconds(src["urls"]) or src.get("seconds")
+            if not found:
+                raise ValueError(
+                    f"data.train.{name}: the epoch length of a stream on several ranks (or "
+                    "data.resampled=true) needs its audio seconds: give an index .json as urls "
+                    "(python -m data_prep.make_shards --remote-url writes one for uploaded "
+                    f"shards) or data.train.{name}.seconds"
+                )
+            seconds += float(found)
         _, size = self._rank_world()
         per_batch = self.bucket["max_seconds"] * 0.9  # bucketing fills batches to ~90-99%
         return max(1, math.ceil(seconds / per_batch / size / max(1, self.num_workers)))

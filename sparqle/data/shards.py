@@ -152,6 +152,26 @@ def index_urls(path: str | Path) -> list[str]:
     ]
 
 
+def remote_index(index_path: str | Path, url_template: str, out: str | Path) -> dict:
+    """The index of shards uploaded elsewhere: each shard's URL from `url_template` with
+    `{name}` replaced by the shard's file name (`pipe:aws s3 cp s3://bucket/train/{name} -`),
+    its sample count and seconds kept, so a stream over the remote copies knows its epoch length
+    on any number of ranks."""
+    if "{name}" not in url_template:
+        raise ValueError(
+            f"--remote-url {url_template!r}: put {{name}} where the shard's file name goes"
+        )
+    index = read_index(index_path)
+    index["shards"] = [
+        {**s, "url": url_template.format(name=Path(s["url"]).name)} for s in index["shards"]
+    ]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index, indent=1, ensure_ascii=False))
+    tmp.replace(out)
+    return index
+
+
 def stats_path(shard: Path) -> Path:
     """Where a finished shard's statistics sit: beside it, written last."""
     return shard.with_name(shard.name + ".stats.json")

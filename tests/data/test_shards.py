@@ -332,3 +332,42 @@ def test_pipe_urls_stream_through_a_command(shards):
     urls = [f"pipe:cat {p}" for p in sorted(shards.glob("train-*.tar"))]
     dm = ShardDataModule(train={"main": {"urls": urls}}, val={"urls": urls}, num_workers=0)
     assert len(_ids(dm.val_dataloader())) == 24
+
+
+def test_remote_shards_know_their_epoch_from_an_index_or_a_length(shards, synth_data, tmp_path):
+    """Uploaded shards streamed through pipe: commands on several ranks: the index make_shards
+    writes for them (--remote-url), or a brace pattern and the source's seconds."""
+    from data_prep.make_shards import main as make_shards_cli
+    from sparqle.data.shards import read_index, remote_index
+
+    local = read_index(shards / "train.json")
+    remote = tmp_path / "train.remote.json"
+    remote_index(shards / "train.json", f"pipe:cat {shards}/{{name}}", remote)
+    index = read_index(remote)
+    assert [s["url"] for s in index["shards"]] == [
+        f"pipe:cat {shards}/{s['url']}" for s in local["shards"]
+    ]
+    assert [s["samples"] for s in index["shards"]] == [s["samples"] for s in local["shards"]]
+
+    def module(urls, **src):
+        dm = ShardDataModule(train={"main": {"urls": urls, **src}}, num_workers=0, resampled=True)
+        dm._rank_world = lambda: (0, 2)
+        return dm
+
+    by_index = module(str(remote))
+    assert by_index.batches_per_worker() == module(str(shards / "train.json")).batches_per_worker()
+    assert len(_ids(by_index.train_dataloader())) > 0  # read through `cat`
+    n = len(local["shards"]) - 1
+    pattern = f"pipe:cat {shards}/train-{{000000..{n:06d}}}.tar"
+    seconds = sum(s["seconds"] for s in local["shards"])
+    assert module(pattern, seconds=seconds).batches_per_worker() == by_index.batches_per_worker()
+    with pytest.raises(ValueError, match=r"data.train.main.seconds"):
+        module(pattern).batches_per_worker()
+    # the command line writes it beside the index
+    out = tmp_path / "made"
+    make_shards_cli(
+        ["--manifest", str(synth_data / "val.jsonl"), "--out", str(out), "--split", "val"]
+        + ["--remote-url", "pipe:aws s3 cp s3://bucket/val/{name} -"]
+    )
+    urls = [s["url"] for s in read_index(out / "val.remote.json")["shards"]]
+    assert urls == [f"pipe:aws s3 cp s3://bucket/val/val-{i:06d}.tar -" for i in range(len(urls))]
