@@ -25,6 +25,7 @@ from sparqle.config import (  # noqa: E402
 )
 from sparqle.lifecycle import StopOnSignal, resolve_resume, wandb_run_id  # noqa: E402
 from sparqle.module import SparQLeModule, TrainingDiverged  # noqa: E402
+from sparqle.strategies import load_device  # noqa: E402
 
 log = logging.getLogger("sparqle.train")
 TRAIN_ERRORS = (*USER_ERRORS, TrainingDiverged, MisconfigurationException)
@@ -45,7 +46,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if isinstance(callback, StopOnSignal):
             callback.resume_from = resume  # every rank's choice is compared once they connect
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    module = SparQLeModule(**module_kwargs(cfg), features=features)
+    module = SparQLeModule(
+        **module_kwargs(cfg),
+        features=features,
+        load_device=load_device(cfg.trainer.accelerator, cfg.trainer.devices),
+    )
     measured = {}
     if "token_overhead" in cfg.data and cfg.data.token_overhead is None:
         measured["token_overhead"] = module.model.token_overhead()

@@ -114,12 +114,14 @@ class SparQLeModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         train_tasks: list[str] | None = None,
         features: dict[str, Any] | None = None,
+        load_device: str | None = None,
     ) -> None:
         """`features`: the index record of the feature shards it trains on; the encoder is then
         neither loaded nor run (not saved: the checkpoint's encoder config rebuilds the encoder
-        for inference on audio)."""
+        for inference on audio). `load_device`: where the frozen encoder and LLM are loaded
+        straight to (this rank's GPU; not saved either)."""
         super().__init__()
-        self.save_hyperparameters(ignore=["features"])
+        self.save_hyperparameters(ignore=["features", "load_device"])
         self.stage = stage["name"]
         if self.stage not in STAGES:
             raise ValueError(f"stage.name={self.stage!r}: expected one of {', '.join(STAGES)}")
@@ -139,12 +141,13 @@ class SparQLeModule(L.LightningModule):
         )
 
         with quiet_loading():  # one line per part below instead of transformers' reports
-            enc = PrecomputedFeatures(features) if features else instantiate(encoder)
+            on = {"device": load_device} if load_device else {}
+            enc = PrecomputedFeatures(features) if features else instantiate(encoder, **on)
             if self.stage == "pretrain":
                 llm_module = None
                 llm_dim = AutoConfig.from_pretrained(llm["name_or_path"]).hidden_size
             else:
-                llm_module = instantiate(llm)
+                llm_module = instantiate(llm, **on)
                 llm_dim = llm_module.hidden_size
             ada = instantiate(
                 adapter, encoder_dim=enc.hidden_size, llm_dim=llm_dim, frame_rate=enc.frame_rate

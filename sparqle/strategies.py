@@ -308,3 +308,16 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
             return False
     lines = re.findall(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.MULTILINE)
     return bool(lines) and bool(BF16_CPU_FLAGS & set(lines[0].split()))
+
+
+def load_device(accelerator: str, devices) -> str | None:
+    """This rank's GPU, where frozen weights are loaded straight to (None: load on the host, as
+    on a CPU). The launcher's local rank picks it (torchrun's LOCAL_RANK, SLURM's SLURM_LOCALID,
+    the ranks Lightning starts itself), from `trainer.devices` where that lists device ids."""
+    import os
+
+    if str(accelerator) not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    ids = None if devices is None or isinstance(devices, int | str) else list(devices)
+    return f"cuda:{ids[local] if ids and local < len(ids) else local}"

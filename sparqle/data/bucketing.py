@@ -47,6 +47,15 @@ def pool_to_batches(
     return batches
 
 
+def sample_bytes(sample: Sample) -> int:
+    """What a waiting sample holds in memory: its encoded audio or features (or decoded audio)."""
+    for key in ("encoded", "features"):
+        if key in sample:
+            return len(sample[key])
+    audio = sample.get("audio")
+    return int(getattr(audio, "nbytes", 0))
+
+
 def bucket_batches(
     samples: Iterable[Sample],
     max_seconds: float,
@@ -55,16 +64,21 @@ def bucket_batches(
     pool_size: int = 2000,
     token_overhead: int = 128,
     rng: random.Random | None = None,
+    pool_bytes: int | None = None,
 ) -> Iterator[list[Sample]]:
+    """Pools of `pool_size` samples (or fewer, where they reach `pool_bytes` first) sorted by
+    duration and cut into batches, each pool's batches shuffled."""
     rng = rng or random.Random(0)
     pool: list[Sample] = []
+    held = 0
     for s in samples:
         pool.append(s)
-        if len(pool) >= pool_size:
+        held += sample_bytes(s) if pool_bytes else 0
+        if len(pool) >= pool_size or (pool_bytes and held >= pool_bytes):
             batches = pool_to_batches(pool, max_seconds, max_batch_size, max_tokens, token_overhead)
             rng.shuffle(batches)
             yield from batches
-            pool = []
+            pool, held = [], 0
     if pool:
         batches = pool_to_batches(pool, max_seconds, max_batch_size, max_tokens, token_overhead)
         rng.shuffle(batches)

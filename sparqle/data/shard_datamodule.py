@@ -126,6 +126,7 @@ class ShardDataModule(L.LightningDataModule):
         tasks: Mapping[str, float] | None = None,
         persistent_workers: bool = True,
         pin_memory: bool | None = None,
+        pool_mb: float | str | None = "auto",
     ) -> None:
         super().__init__()
         if token_overhead is None:  # train.py measures it from the LLM's prompt
@@ -153,6 +154,7 @@ class ShardDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.resampled = resampled
         self.seed = seed
+        self.pool_mb = pool_mb
         self._epoch = Epoch()
         self._resume: StreamPosition | None = None
         self._positions: PositionLog | None = None
@@ -261,6 +263,7 @@ class ShardDataModule(L.LightningDataModule):
             max_seconds=self.max_seconds,
             feature_dim=record["hidden_size"] if record else None,
             resume=self._resume,
+            pool_mb=self.worker_pool_mb(),
         )
 
     def pipeline(self, split: str) -> Iterable[dict[str, Any]]:
@@ -289,6 +292,20 @@ class ShardDataModule(L.LightningDataModule):
             self._batches(counter, bucket, {"data.test" if self.test_source else "data.val": src}),
         )
         return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def worker_pool_mb(self) -> float | None:
+        """MB a loader worker may hold in waiting samples (shuffle buffer and bucketing pool).
+        `auto`: a quarter of this machine's memory shared by every worker of its ranks (the
+        ranks on this node: the trainer's devices)."""
+        if self.pool_mb != "auto":
+            return None if self.pool_mb is None else float(self.pool_mb)
+        import os
+
+        node_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        local = 1
+        if self.trainer is not None:
+            local = max(1, self.trainer.world_size // max(1, self.trainer.num_nodes))
+        return node_mb / 4 / local / max(1, self.num_workers)
 
     def batches_per_worker(self) -> int:
         """Epoch length for resampled streams: the audio once, spread over ranks and workers. A

@@ -209,6 +209,30 @@ class Epoch:
             self.value = state["plain"]
 
 
+def bounded_shuffle(
+    samples: Iterable[dict], size: int, max_bytes: int | None, rng: random.Random
+) -> Iterator[dict]:
+    """A shuffle buffer of up to `size` samples, or fewer where their bytes reach `max_bytes`:
+    each new sample goes in, and while the buffer is full a random one comes out."""
+    buffer: list[dict] = []
+    held = 0
+    for sample in samples:
+        buffer.append(sample)
+        held += _raw_bytes(sample)
+        while len(buffer) >= size or (max_bytes and held >= max_bytes and len(buffer) > 1):
+            k = rng.randrange(len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            out = buffer.pop()
+            held -= _raw_bytes(out)
+            yield out
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _raw_bytes(sample: dict) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, bytes | bytearray))
+
+
 def seeded(*parts: Any) -> random.Random:
     """A generator that depends on `parts` alone (str seeds hash deterministically)."""
     return random.Random(":".join(map(str, parts)))
@@ -301,6 +325,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         max_seconds: float | None,
         feature_dim: int | None,
         resume: StreamPosition | None = None,
+        pool_mb: float | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -311,6 +336,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.feature_dim = feature_dim
         self.resume = resume
+        # a worker's memory for waiting samples: a third for the shuffle buffer, the rest for
+        # the bucketing pool (None: bounded by their sample counts alone)
+        total = None if pool_mb is None else int(pool_mb * 2**20)
+        self.shuffle_bytes = None if total is None else total // 3
+        self.pool_bytes = None if total is None else total - total // 3
 
     def _shards(self, urls: list[str], source: int, worker: int, workers: int, epoch: int):
         key = (self.seed, epoch, self.rank, worker, source)
@@ -343,7 +373,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             raw = wds.tarfile_to_samples(handler=counter.shard_error)(
                 self._shards(urls, i, worker, workers, epoch)
             )
-            shuffled = wds.shuffle(self.shuffle_buffer, rng=seeded(*key, i, "shuffle"))(raw)
+            shuffled = bounded_shuffle(
+                raw, self.shuffle_buffer, self.shuffle_bytes, seeded(*key, i, "shuffle")
+            )
             streams.append(
                 parse_samples(
                     shuffled,
@@ -362,7 +394,11 @@ class TrainStream(torch.utils.data.IterableDataset):
             else mix(streams, weights, seeded(*key, "mix"), longest=not self.resampled)
         )
         batches = bucket_batches(
-            cands, pool_size=self.pool_size, rng=seeded(*key, "bucket"), **self.bucket
+            cands,
+            pool_size=self.pool_size,
+            pool_bytes=self.pool_bytes,
+            rng=seeded(*key, "bucket"),
+            **self.bucket,
         )
         batches = itertools.islice(enumerate(batches), self.batches_per_worker)
         for _ in itertools.islice(batches, skip):  # fast-forward: metadata only

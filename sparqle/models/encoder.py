@@ -11,11 +11,14 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+from sparqle.models.loading import load_frozen
 
 WHISPER_TYPES = ("whisper",)
 SSL_TYPES = (
@@ -27,6 +30,10 @@ SSL_TYPES = (
     "sew",
     "unispeech",
 )
+
+
+def _load(auto_class, name_or_path: str, dtype) -> nn.Module:
+    return auto_class.from_pretrained(name_or_path, dtype=dtype)
 
 
 @dataclass
@@ -54,14 +61,17 @@ class SpeechEncoder(nn.Module):
         cache_dir: str | None = None,
         whisper_window_seconds: float | None = None,
         cache_max_gb: float = 4.0,
+        device: str | None = None,
     ) -> None:
+        """`device`: where a frozen encoder's weights are loaded straight to (a rank's GPU)."""
         super().__init__()
         self.name_or_path = name_or_path
+        load = partial(load_frozen, device=device) if frozen else _load
         config = AutoConfig.from_pretrained(name_or_path)
         self.model_type = config.model_type
         torch_dtype = getattr(torch, dtype)
         if self.model_type in WHISPER_TYPES:
-            full = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype)
+            full = load(AutoModel, name_or_path, torch_dtype)
             self.model = full.get_encoder()
             del full
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path)
@@ -81,7 +91,7 @@ class SpeechEncoder(nn.Module):
                 self.feature_extractor.n_samples = frames * self.feature_extractor.hop_length
                 self.feature_extractor.nb_max_frames = frames
         elif self.model_type in SSL_TYPES:
-            self.model = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype)
+            self.model = load(AutoModel, name_or_path, torch_dtype)
             try:
                 fe = AutoFeatureExtractor.from_pretrained(name_or_path)
                 self.normalize = bool(getattr(fe, "do_normalize", True))

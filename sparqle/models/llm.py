@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sparqle.distributed import all_reduce_sum, world
 from sparqle.models.blocks import checkpoint_blocks
+from sparqle.models.loading import load_frozen
 
 SPEECH_PLACEHOLDER = "<|speech|>"
 SPEECH_SLOT = -1  # token_ids value at positions filled with speech embeddings
@@ -78,13 +79,23 @@ class LLM(nn.Module):
         speech_end: str = "</Speech>",
         activation_checkpointing: bool = False,
         max_target_tokens: int | None = None,
+        device: str | None = None,
     ) -> None:
+        """`device`: where a frozen LLM's weights are loaded straight to (a rank's GPU), instead
+        of whole into host memory first."""
         super().__init__()
         self.name_or_path = name_or_path
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        if frozen:
+            self.model = load_frozen(
+                AutoModelForCausalLM, name_or_path, getattr(torch, dtype), device
+            )
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=getattr(torch, dtype)
+            )
         self.frozen = frozen
         if frozen:
             self.model.requires_grad_(False)

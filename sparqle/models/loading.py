@@ -42,3 +42,17 @@ def describe(role: str, name: str, part: nn.Module) -> str:
         else ("trained" if trained == total else f"{trained / 1e6:.1f}M trained")
     )
     return f"{role}: {name}, {total / 1e6:.1f}M parameters ({', '.join(dtypes)}), {state}"
+
+
+def load_frozen(auto_class, name_or_path: str, dtype, device: str | None = None) -> nn.Module:
+    """A pretrained model that will not be trained, without a private host copy per rank:
+
+    - onto a GPU (`device` "cuda:N"): straight there, tensor by tensor (transformers'
+      `device_map`), instead of whole into host memory first and then moved;
+    - on the CPU: as transformers loads safetensors stored in the requested dtype, mapped from
+      the file, so every rank of a node shares the one copy in the page cache (measured in
+      tests/test_host_memory.py). Weights stored in another dtype (a float32 checkpoint loaded as
+      bfloat16) are converted into each rank's own memory: convert the files once instead."""
+    if device is not None and str(device).startswith("cuda"):
+        return auto_class.from_pretrained(name_or_path, dtype=dtype, device_map={"": device})
+    return auto_class.from_pretrained(name_or_path, dtype=dtype)

@@ -40,3 +40,38 @@ def test_token_and_size_bounds():
     batches = list(bucket_batches(samples, max_seconds=1000, max_tokens=600, token_overhead=100))
     # each sample estimates 100 + 40 // 3 + 1 = 114 tokens, so 5 fit under 600
     assert max(len(b) for b in batches) == 5
+
+
+def test_pools_and_shuffle_buffers_are_bounded_in_bytes():
+    """A worker holds at most its byte budget of waiting samples, whatever the counts allow."""
+    import random
+
+    from sparqle.data.bucketing import bucket_batches
+    from sparqle.data.shard_stream import bounded_shuffle
+
+    samples = [
+        {"i": i, "seconds": 1.0 + (i % 7), "target": "x", "encoded": b"a" * 100} for i in range(40)
+    ]
+    batches = list(
+        bucket_batches(samples, max_seconds=1000, max_batch_size=1, pool_size=1000, pool_bytes=350)
+    )
+    # pools of 4 samples (400 bytes >= 350): every batch of pool k comes before pool k+1's
+    firsts = [b[0]["i"] // 4 for b in batches]
+    assert firsts == sorted(firsts) and len(batches) == 40
+
+    held, peak = 0, 0
+
+    def counted(source):
+        nonlocal held, peak
+        for s in source:
+            held += 1
+            peak = max(peak, held)
+            yield s
+
+    raw = [{"flac": b"b" * 100, "__key__": str(i)} for i in range(50)]
+    out = []
+    for s in bounded_shuffle(counted(raw), size=1000, max_bytes=500, rng=random.Random(0)):
+        held -= 1
+        out.append(s["__key__"])
+    assert sorted(out) == sorted(str(i) for i in range(50)) and out != [str(i) for i in range(50)]
+    assert peak <= 6  # 500 bytes of 100-byte samples, and the one coming in

@@ -156,10 +156,14 @@ def test_evaluation_shares_every_clip_once_over_ranks_in_equal_steps(shards):
     assert len(ranks[0]) == len(ranks[1]) > 1
     seen = [i for r in ranks for b in r for i in b]
     assert len(seen) == 24 and len(set(seen)) == 24
+    # a batch's bounds are per rank: the batches of one process with twice the bounds, each
+    # split between the two ranks (batch k of one process = batch k of rank 0 + rank 1)
     one = ShardDataModule(
-        val={"urls": str(shards / "train.json")}, num_workers=2, max_seconds_per_batch=20
+        val={"urls": str(shards / "train.json")},
+        num_workers=2,
+        max_seconds_per_batch=40,
+        batch_size=128,
     )
-    # the same batches as one process: batch k of one process = batch k of rank 0 + rank 1
     joint = [sorted(a + b) for a, b in zip(*ranks, strict=True)]
     assert joint == [sorted(b["id"]) for b in one.val_dataloader()]
 
