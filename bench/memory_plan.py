@@ -77,6 +77,7 @@ def main() -> None:
     checkpointed = bool(cfg.llm.get("activation_checkpointing")) or (
         name in ("fsdp", "hybrid") and bool(strategy.get("activation_checkpointing"))
     )
+    negatives = cfg.stage.get("pretrain", {}).get("itm_negatives", "node")
     kw = {"compute_bytes": compute, "checkpointed": checkpointed}
     nodes = int(cfg.trainer.get("num_nodes", 1))
     per_node = world // nodes
@@ -90,6 +91,7 @@ def main() -> None:
             "fsdp" if s == "hybrid" else s,
             world,
             shard_group=per_node if s == "hybrid" else None,
+            gathered_ranks=1 if s == "single" else (per_node if negatives == "node" else world),
             **kw,
         )
         for label, s in strategies.items()
@@ -108,9 +110,9 @@ def main() -> None:
     print(f"\nreceived per GPU per optimizer step ({accumulate} micro-batches), GB")
     for row in ("total", "across nodes"):
         print(f"{row:32s}" + "".join(f"{c[row] / 1e9:12.1f}" for c in comms.values()))
-    acts = next(iter(plans.values()))["breakdown"]
+    acts = list(plans.values())[-1]["breakdown"]
     print(
-        "\nactivations by part (GiB): "
+        f"\nactivations by part ({list(plans)[-1]}, GiB): "
         + ", ".join(f"{k} {v / GiB:.1f}" for k, v in acts.items())
         + "  (the encoder's transient is freed before the adapter and LLM run)"
     )

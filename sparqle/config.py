@@ -248,6 +248,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "stage.pretrain.label_smoothing": _number(0, 1),
     "stage.pretrain.query_spread_weight": _number(0),
     "stage.pretrain.query_spread_target": _number(0, above=True),
+    "stage.pretrain.itm_negatives": _one_of("node", "all"),
     "encoder.dtype": _one_of(*DTYPES),
     "encoder.sample_rate": _int(1),
     "encoder.cache_max_gb": _number(0, above=True),
@@ -367,7 +368,7 @@ def check_group_keys(
             if key != "_target_" and key not in keys:
                 raise ConfigError(
                     f"{group}.{key}: not a setting of {group}={choice} (it takes "
-                    f"{', '.join(sorted(keys - {'encoder_dim', 'llm_dim', 'frame_rate'}))})"
+                    f"{', '.join(sorted(keys - {'encoder_dim', 'llm_dim', 'frame_rate', 'device'}))})"
                 )
 
 

@@ -52,38 +52,78 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: list[int], rank: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, rows: list[int], rank: int, group) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in rows]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows, ctx.rank = rows, rank
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.rows, ctx.rank, ctx.group = rows, rank, group
         return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.rows[: ctx.rank])
         local = grad[start : start + ctx.rows[ctx.rank]]
         pad = max(ctx.rows) - ctx.rows[ctx.rank]
-        return F.pad(local, (0, 0) * (grad.dim() - 1) + (0, pad)), None, None
+        return F.pad(local, (0, 0) * (grad.dim() - 1) + (0, pad)), None, None, None
 
 
-def gather_rows(x: torch.Tensor, pad_value: float = 0) -> tuple[torch.Tensor, int]:
-    """Concatenate every rank's `x` along dim 0 (other dims padded to the largest on any rank)
-    and return it with this rank's first row; gradients reach each rank's own rows in full."""
-    rank, size = world()
+def exchange_sizes(sizes: list[int]) -> list[list[int]]:
+    """Every rank's `sizes` (the same count on each), in one exchange on the host: what a step's
+    gathers need to know of the other ranks' shapes, asked once instead of per tensor."""
+    _, size = world()
     if size == 1:
+        return [list(sizes)]
+    return [list(s) for s in gather_shapes(tuple(sizes))]
+
+
+def gather_rows(
+    x: torch.Tensor,
+    pad_value: float = 0,
+    rows: list[int] | None = None,
+    group: Any = None,
+) -> tuple[torch.Tensor, int]:
+    """Concatenate every rank's `x` along dim 0 and return it with this rank's first row;
+    gradients reach each rank's own rows in full. `rows`: every rank's row count where known
+    (from `exchange_sizes`; then the other dims must already be alike on every rank), else
+    the shapes are exchanged here and the other dims padded to the largest. `group`: the ranks
+    to gather over (`rows` then lists theirs); None: all."""
+    if world()[1] == 1:
         return x, 0
-    shapes = gather_shapes(tuple(x.shape))
-    padded = pad_to(x, [max(s[d] for s in shapes) for d in range(x.dim())], pad_value)
-    rows = [s[0] for s in shapes]
+    rank = dist.get_rank(group) if group is not None else world()[0]
+    if rows is None:
+        shapes = gather_shapes(tuple(x.shape))
+        x = pad_to(x, [max(s[d] for s in shapes) for d in range(x.dim())], pad_value)
+        rows = [s[0] for s in shapes]
+    padded = pad_to(x, [max(rows), *x.shape[1:]], pad_value)
     if x.requires_grad:
-        out = _GatherRows.apply(padded, rows, rank)
+        out = _GatherRows.apply(padded, rows, rank, group)
     else:
         parts = [torch.empty_like(padded) for _ in rows]
-        dist.all_gather(parts, padded.contiguous())
+        dist.all_gather(parts, padded.contiguous(), group=group)
         out = torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
     return out, sum(rows[:rank])
+
+
+_NODE_GROUPS: dict[int, Any] = {}
+
+
+def node_group() -> tuple[Any, list[int]]:
+    """The ranks of this node (consecutive ranks, LOCAL_WORLD_SIZE or SLURM_NTASKS_PER_NODE of
+    them) as a process group, and their global ranks; (None, all ranks) on one node. Every rank
+    must call it the first time (it creates the groups)."""
+    import os
+
+    rank, size = world()
+    local = int(
+        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or size
+    )
+    if local >= size or size % local:
+        return None, list(range(size))
+    if local not in _NODE_GROUPS:
+        _NODE_GROUPS[local], _ = dist.new_subgroups(group_size=local)
+    first = rank - rank % local
+    return _NODE_GROUPS[local], list(range(first, first + local))
 
 
 def pad_to(x: torch.Tensor, sizes: list[int], value: float = 0) -> torch.Tensor:

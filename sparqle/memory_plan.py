@@ -15,6 +15,9 @@ dtype. Activations are estimated per block from what autograd keeps for backward
   speech frame;
 - logits: scored positions x vocabulary x (b + 4 + 4): the logits, their fp32 copy for the
   loss and its gradient (stage 2 makes logits only from the first target position on);
+- stage 1 on several ranks: ITM's hard negatives come from the speech features gathered from
+  the ranks of a node (`stage.pretrain.itm_negatives=node`) or of the world (`all`), held through
+  the step;
 - the frozen encoder runs without autograd: only its largest transient (the conv front end's
   first layer at the audio rate) counts, and it is freed before the adapter and LLM run;
 - with activation checkpointing on the LLM (`llm.activation_checkpointing`, or FSDP's
@@ -70,7 +73,11 @@ def parameter_bytes(module) -> dict[str, int]:
 
 
 def activation_bytes(
-    module, shape: StepShape, compute_bytes: int = 2, checkpointed: bool | None = None
+    module,
+    shape: StepShape,
+    compute_bytes: int = 2,
+    checkpointed: bool | None = None,
+    gathered_ranks: int = 1,
 ) -> dict[str, int]:
     """Estimated bytes kept for backward (and the encoder's transient peak) for one step.
     `checkpointed`: the LLM's layers are recomputed in backward (None: as the module's LLM was
@@ -108,6 +115,9 @@ def activation_bytes(
         out["adapter"] = features + cfg.num_hidden_layers * per_layer + cross_bytes * shape.batch
         if model.heads is not None:
             out["logits"] = shape.batch * lt * cfg.vocab_size * (b + 4 + 4)
+            # ITM's negatives: the speech features of `gathered_ranks` ranks' batches (fp32, as
+            # the adapter reads them), gathered and held through the step
+            out["itm_gathered"] = (gathered_ranks - 1) * features
     if model.llm is not None:
         cfg = model.llm.model.config
         heads = cfg.num_attention_heads
@@ -161,13 +171,14 @@ def plan(
     shard_group: int | None = None,
     compute_bytes: int = 2,
     checkpointed: bool | None = None,
+    gathered_ranks: int = 1,
 ) -> dict[str, float]:
     """Per-GPU bytes by component. `strategy` is single, ddp or fsdp; FSDP shards over
     `shard_group` ranks (the world, or the GPUs of a node with hybrid sharding)."""
     params = parameter_bytes(module)
     frozen = params["encoder"] + params["adapter"] + params["llm"]
     n = params["trained_params"]
-    acts = activation_bytes(module, shape, compute_bytes, checkpointed)
+    acts = activation_bytes(module, shape, compute_bytes, checkpointed, gathered_ranks)
     out = {
         "frozen weights": frozen,
         "trained weights (fp32)": 4 * n,

@@ -45,7 +45,10 @@ BAD = [
         "adapter=linear +adapter.num_queries=32",
         "adapter.num_queries: not a setting of adapter=LinearAdapter (it takes downsample, hidden_dim)",
     ),
-    ("+llm.lora_rank=8", "llm.lora_rank: not a setting of llm=LLM (it takes dtype, "),
+    (
+        "+llm.lora_rank=8",
+        "llm.lora_rank: not a setting of llm=LLM (it takes activation_checkpointing, dtype",
+    ),
     ("trainer.val_check_interval=7", "trainer.val_check_interval=7: set val_every_n_steps"),
 ]
 

@@ -38,3 +38,35 @@ def test_rows_gathered_across_ranks_with_every_ranks_gradient(tmp_path):
     # ranks, as DDP does, that is the gradient of one process holding all five rows
     assert torch.equal(r0["grad"], 2 * torch.tensor([[1.0] * 2, [2.0] * 2]))
     assert torch.equal(r1["grad"], 2 * torch.tensor([[3.0] * 3, [4.0] * 3, [5.0] * 3]))
+
+
+def _node_worker(rank: int, init_file: str, out: str) -> None:
+    import os
+
+    os.environ["LOCAL_WORLD_SIZE"] = "1"  # two "nodes" of one rank each
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from sparqle.distributed import exchange_sizes, node_group
+
+    sizes = exchange_sizes([rank + 2, 7])
+    group, members = node_group()
+    x = torch.full((rank + 2, 3), float(rank))
+    mine, offset = gather_rows(x, rows=[sizes[r][0] for r in members], group=group)
+    everyone, _ = gather_rows(x, rows=[s[0] for s in sizes])
+    torch.save(
+        {"sizes": sizes, "members": members, "mine": mine, "offset": offset, "all": everyone},
+        f"{out}.{rank}",
+    )
+    dist.destroy_process_group()
+
+
+def test_one_exchange_of_sizes_then_gathers_over_a_node_or_everyone(tmp_path):
+    """What stage 1's ITM gathers: with a node of one rank, only that rank's rows; the shapes come
+    from one exchange a step."""
+    mp.spawn(
+        _node_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True
+    )
+    r0, r1 = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in (0, 1))
+    assert r0["sizes"] == r1["sizes"] == [[2, 7], [3, 7]]
+    assert (r0["members"], r1["members"]) == ([0], [1])
+    assert r0["mine"].shape == (2, 3) and r1["mine"].shape == (3, 3) and r1["offset"] == 0
+    assert torch.equal(r0["all"], r1["all"]) and r0["all"].shape == (5, 3)

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
-from sparqle.distributed import gather_rows, pad_to
+from sparqle.distributed import exchange_sizes, gather_rows, node_group, pad_to
 from sparqle.models.qformer import SpeechQFormer
 
 DEC_TOKEN = "[DEC]"
@@ -55,8 +55,19 @@ class SpeechTextPretrainer(nn.Module):
         label_smoothing: float = 0.1,
         query_spread_weight: float = 0.0,
         query_spread_target: float = 0.5,
+        itm_negatives: str = "node",
     ) -> None:
+        """`itm_negatives`: where ITM's hard negatives are drawn from on several ranks: `all`
+        (BLIP-2: the batch gathered over every rank, so every rank receives every rank's speech
+        features) or `node` (the ranks of this node: their features cross no network and what a
+        GPU receives stays that of one node however many nodes train). ITC's negatives are the
+        whole gathered batch either way (its projections are small)."""
         super().__init__()
+        if itm_negatives not in ("all", "node"):
+            raise ValueError(
+                f"stage.pretrain.itm_negatives={itm_negatives!r}: expected all or node"
+            )
+        self.itm_negatives = itm_negatives
         if query_spread_weight < 0 or query_spread_target <= 0:
             raise ValueError(
                 "stage.pretrain.query_spread_weight must be >= 0 and query_spread_target > 0"
@@ -141,14 +152,17 @@ class SpeechTextPretrainer(nn.Module):
         ids, text_mask = text["input_ids"], text["attention_mask"]
         b, nq = features.shape[0], qformer.num_queries
         n = b if contributes else 0  # rows this rank adds to the batch gathered over ranks
+        # every rank's rows, frames and text length: the step's one exchange on the host
+        sizes = exchange_sizes([n, features.shape[1], ids.shape[1]])
+        rows = [s[0] for s in sizes]
 
         # ITC
         query_out = qformer(features, mask)
         speech_feat = F.normalize(self.speech_proj(query_out).float(), dim=-1)  # (B, Nq, E)
         text_out = qformer.encode_text(ids, text_mask)
         text_feat = F.normalize(self.text_proj(text_out[:, 0]).float(), dim=-1)  # (B, E)
-        all_speech, offset = gather_rows(speech_feat[:n])
-        all_text, _ = gather_rows(text_feat[:n])
+        all_speech, offset = gather_rows(speech_feat[:n], rows=rows)
+        all_text, _ = gather_rows(text_feat[:n], rows=rows)
         sim_s2t, sim_t2s = self.similarities(speech_feat[:n], text_feat[:n], all_speech, all_text)
         targets = torch.arange(n, device=features.device) + offset
         itc = (
@@ -158,7 +172,7 @@ class SpeechTextPretrainer(nn.Module):
 
         # ITM with hard negatives from the batch of every rank
         itm = self._itm(
-            qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset, n, sample_negatives
+            qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, sizes, n, sample_negatives
         )
 
         # ITG
@@ -198,34 +212,44 @@ class SpeechTextPretrainer(nn.Module):
         }
 
     def _itm(
-        self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, offset, n, sample
+        self, qformer, features, mask, ids, text_mask, sim_s2t, sim_t2s, sizes, n, sample
     ) -> torch.Tensor:
+        """Matching with a hard negative per row: for each speech a text, for each text a speech,
+        drawn by similarity (`sample`) or the most similar, from the batch of the ranks in
+        `itm_negatives`. Only those ranks' features are gathered."""
         b = features.shape[0]
-        all_feats, _ = gather_rows(features[:n])
-        all_mask, _ = gather_rows(mask[:n])
-        all_ids, _ = gather_rows(ids[:n], pad_value=self.tokenizer.pad_token_id)
-        all_text_mask, _ = gather_rows(text_mask[:n])
+        group, members = node_group() if self.itm_negatives == "node" else (None, None)
+        members = members if members is not None else list(range(len(sizes)))
+        rows = [sizes[r][0] for r in members]
+        frames = max(sizes[r][1] for r in members)
+        length = max(sizes[r][2] for r in members)
+        start = sum(s[0] for s in sizes[: members[0]])  # the members' first column in the sims
+        features = pad_to(features, [b, frames, features.shape[2]])
+        mask = pad_to(mask, [b, frames])
+        ids = pad_to(ids, [b, length], self.tokenizer.pad_token_id)
+        text_mask = pad_to(text_mask, [b, length])
+        pad_id = self.tokenizer.pad_token_id
+        all_feats, offset = gather_rows(features[:n], rows=rows, group=group)
+        all_mask, _ = gather_rows(mask[:n], rows=rows, group=group)
+        all_ids, _ = gather_rows(ids[:n], pad_value=pad_id, rows=rows, group=group)
+        all_text_mask, _ = gather_rows(text_mask[:n], rows=rows, group=group)
         total = all_feats.shape[0]
         # no negatives to draw, or nothing of this rank's to score: a zero that still reaches
         # the head keeps DDP happy
         if total < 2 or n == 0:
             return sum(p.sum() for p in self.itm_head.parameters()) * 0.0
-        # every part padded to the widest on any rank, so local and gathered rows concatenate
-        features = pad_to(features, [b, *all_feats.shape[1:]])
-        mask = pad_to(mask, [b, all_mask.shape[1]])
-        ids = pad_to(ids, [b, all_ids.shape[1]], self.tokenizer.pad_token_id)
-        text_mask = pad_to(text_mask, [b, all_text_mask.shape[1]])
+        sim_s2t, sim_t2s = sim_s2t[:, start : start + total], sim_t2s[:, start : start + total]
         with torch.no_grad():
-            rows = torch.arange(b, device=ids.device)
-            own = rows + offset
+            rows_here = torch.arange(b, device=ids.device)
+            own = rows_here + offset
             # Pairs with the same transcript are not negatives; nor is a row's own pair.
             same = (ids[:, None, :] == all_ids[None, :, :]).all(-1)
-            same[rows, own] = True
+            same[rows_here, own] = True
             if sample:  # BLIP-2: drawn by similarity
                 w_s2t = F.softmax(sim_s2t.float(), dim=1).masked_fill(same, 0) + 1e-9
                 w_t2s = F.softmax(sim_t2s.float(), dim=1).masked_fill(same, 0) + 1e-9
-                w_s2t[rows, own] = 0
-                w_t2s[rows, own] = 0
+                w_s2t[rows_here, own] = 0
+                w_t2s[rows_here, own] = 0
                 neg_text = torch.multinomial(w_s2t, 1).squeeze(1)  # per speech, a negative text
                 neg_speech = torch.multinomial(w_t2s, 1).squeeze(1)  # per text, a negative speech
             else:  # the hardest: the most similar non-pair
