@@ -64,6 +64,7 @@ def load_exported(path: str | Path, **overrides: Any):
         **config["stage"],
         "init_from": None,
     }  # the adapter weights are in the export
+    config.pop("val_decode_batches", None)  # exports written before 2026-12-01
     module = SparQLeModule(**config)
     state = load_file(path / WEIGHTS)
     own = module.state_dict()

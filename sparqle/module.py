@@ -95,6 +95,16 @@ class StepSkips:
         return longest
 
 
+def upgrade_llm_config(llm: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint or export written before 2026-12-01 names llm.activation_checkpointing
+    `gradient_checkpointing`; it loads as the new name."""
+    if "gradient_checkpointing" not in llm:
+        return llm
+    llm = dict(llm)
+    llm["activation_checkpointing"] = llm.pop("gradient_checkpointing")
+    return llm
+
+
 def speech_input(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """What the encoder takes: (audio, samples), or from feature shards (features, frames)."""
     if "features" in batch:
@@ -121,6 +131,7 @@ class SparQLeModule(L.LightningModule):
         for inference on audio). `load_device`: where the frozen encoder and LLM are loaded
         straight to (this rank's GPU; not saved either)."""
         super().__init__()
+        llm = upgrade_llm_config(llm)
         self.save_hyperparameters(ignore=["features", "load_device"])
         self.stage = stage["name"]
         if self.stage not in STAGES:

@@ -47,3 +47,29 @@ def batch(synth_data):
     dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
+
+
+def test_checkpoints_and_exports_from_before_the_renames_still_load(trained, tmp_path):
+    """Written before 2026-12-01: llm.gradient_checkpointing (now activation_checkpointing) and
+    val_decode_batches (now val_decode_clips) in their saved configs."""
+    import torch
+    import yaml
+
+    from sparqle.evaluation import load_model
+
+    ckpt = torch.load(trained / "model.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["llm"]["gradient_checkpointing"] = False
+    ckpt["hyper_parameters"]["llm"].pop("activation_checkpointing", None)
+    ckpt["hyper_parameters"]["val_decode_batches"] = 2
+    ckpt["hyper_parameters"].pop("val_decode_clips", None)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert load_model(tmp_path / "old.ckpt").model.llm.activation_checkpointing is False
+
+    import shutil
+
+    shutil.copytree(trained / "export", tmp_path / "export")
+    config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
+    config["llm"]["gradient_checkpointing"] = config["llm"].pop("activation_checkpointing", False)
+    config["val_decode_batches"] = config.pop("val_decode_clips", 2)
+    (tmp_path / "export" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_model(tmp_path / "export").stage == "instruct"
