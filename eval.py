@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -125,9 +126,21 @@ def evaluate(cfg: DictConfig) -> dict:
                 cfg.precision,
                 max_piece_seconds=pieces,
             )
+            started = time.perf_counter()
             mine = trainer.predict(runner)
             rows, skipped = merge_rank_rows(gather_objects(mine))
             key = task_key(spec)
+            took = time.perf_counter() - started
+            if lead:
+                log.info(
+                    "%s %s: %d utterances decoded in %.2f s (%.1f a second, %d rank(s))",
+                    name,
+                    key,
+                    len(rows),
+                    took,
+                    len(rows) / max(took, 1e-9),
+                    trainer.world_size,
+                )
             entry["tasks"][key] = score(rows, key, skipped, module.hparams.get("train_tasks"))
             all_rows += rows
             log.info(
