@@ -58,6 +58,15 @@ def eval_trainer(cfg: DictConfig) -> L.Trainer:
     )
 
 
+def generation_preset() -> str | None:
+    """The `generation=` choice the report was decoded with (checkpoint, reference, ...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return (
+        HydraConfig.get().runtime.choices.get("generation") if HydraConfig.initialized() else None
+    )
+
+
 def refuse_feature_shards(data: DictConfig) -> None:
     """Scores come from the audio through the checkpoint's own encoder, never stored features."""
     if not str(data.get("_target_", "")).endswith("ShardDataModule"):
@@ -98,7 +107,11 @@ def evaluate(cfg: DictConfig) -> dict:
         name = Path(ckpt).stem if Path(ckpt).is_file() else Path(ckpt).name
         if name in report["models"]:
             name = f"{name}-{len(report['models'])}"
-        datamodule = instantiate(cfg.data, sample_rate=module.model.encoder.sample_rate)
+        # the references cased as the model learnt its targets (data.text_case of its training)
+        case = module.hparams.get("text_case") if cfg.text_case == "checkpoint" else cfg.text_case
+        datamodule = instantiate(
+            cfg.data, sample_rate=module.model.encoder.sample_rate, text_case=case
+        )
         # the checkpoint's own decoding settings (from its training config), then the overrides
         generation = {**module.generation, **overrides}
         if generation.get("max_new_tokens") == "auto":
@@ -110,6 +123,8 @@ def evaluate(cfg: DictConfig) -> dict:
             pieces = cfg.max_piece_seconds or module.longest_clip_seconds()
             log.info("%s: VAD on, clips cut at pauses into pieces of <= %.1f s", name, pieces)
         entry = {
+            "generation_preset": generation_preset(),
+            "text_case": case,
             "checkpoint": str(ckpt),
             "checkpoint_sha256": fingerprint(ckpt),
             "generation": generation,

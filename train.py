@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sparqle.cli import USER_ERRORS, report_user_errors  # noqa: E402
 from sparqle.config import (  # noqa: E402
+    apply_global_batch,
     check_devices,
     check_features,
     check_files,
@@ -36,6 +37,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_devices(cfg.trainer)
     check_files(cfg)
     check_init_from(cfg)
+    for key, value in apply_global_batch(cfg).items():  # per-rank batch for this many ranks
+        log.info("%s=%s (data.global_batch_size / stage.optim.lr_scaling)", key, value)
     features = check_features(cfg)  # feature shards: their encoder is this config's
     L.seed_everything(cfg.seed, workers=True)
     checkpoints = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)

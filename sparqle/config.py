@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 
 def _tiny(kind: str, root: str) -> str:
@@ -39,13 +39,18 @@ def _mul(a: Any, b: Any) -> Any:
     return a * b
 
 
+def _eq(a: Any, b: Any) -> bool:
+    return a == b
+
+
 def register_resolvers() -> None:
     """`${tiny:KIND,ROOT}`: a tiny random model, built on first use; `${packaged:NAME,ROOT}`: a
     real pretrained part shipped in a PyPI package, converted on first use;
     `${cpu_bf16:A,B}`: A where the CPU has bf16 maths in hardware, else B;
     `${run_id:NAME}`: the run directory's name, from NAME or the launcher (sparqle/lifecycle.py),
     cached so a Hydra sweep's jobs keep the name the launching host gave;
-    `${mul:A,B}`: A x B (optimizer steps -> batches)."""
+    `${mul:A,B}`: A x B (optimizer steps -> batches); `${eq:A,B}`: whether A equals B (a key on
+    in one stage only: `${eq:${stage.name},pretrain}`)."""
     if not OmegaConf.has_resolver("tiny"):
         OmegaConf.register_new_resolver("tiny", _tiny, use_cache=True)
     if not OmegaConf.has_resolver("packaged"):
@@ -56,6 +61,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    if not OmegaConf.has_resolver("eq"):
+        OmegaConf.register_new_resolver("eq", _eq)
 
 
 def training_tasks(data: DictConfig) -> list[str]:
@@ -79,7 +86,72 @@ def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "val_decode_clips": cfg.val_decode_clips,
         "max_nonfinite_steps": cfg.max_nonfinite_steps,
         "train_tasks": training_tasks(cfg.data),
+        "text_case": cfg.data.get("text_case"),
     }
+
+
+def world_size(trainer: DictConfig) -> int:
+    """The ranks a run will have: the launcher's (torchrun's WORLD_SIZE, SLURM's SLURM_NTASKS),
+    else devices x nodes (`auto`: every visible GPU, or 1 on a CPU)."""
+    import os
+
+    import torch
+
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    devices = trainer.get("devices", 1)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        devices = len(devices)
+    elif devices in ("auto", -1):
+        gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+        devices = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    return int(devices) * int(trainer.get("num_nodes", 1) or 1)
+
+
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def apply_global_batch(cfg: DictConfig) -> dict[str, Any]:
+    """`data.global_batch_size` (utterances an optimizer step over every rank) -> the per-rank
+    batch (`data.batch_size`, at most the configured one) and gradient accumulation, for this
+    run's number of ranks; then `stage.optim.lr` scaled from `stage.optim.lr_reference_batch` to
+    the global batch by `stage.optim.lr_scaling` (none, linear, sqrt). Returns what it set."""
+    data, optim = cfg.get("data"), OmegaConf.select(cfg, "stage.optim", default=None)
+    if data is None:
+        return {}
+    world = world_size(cfg.trainer)
+    done: dict[str, Any] = {}
+    target = data.get("global_batch_size")
+    if target is not None:
+        cap = int(data.batch_size)
+        accumulate = -(-int(target) // (world * cap))  # the fewest steps that fit the cap
+        per_rank = int(target) // (world * accumulate)
+        if per_rank * world * accumulate != target:
+            raise ConfigError(
+                f"data.global_batch_size={target}: not a multiple of {world} rank(s) x an "
+                f"accumulation over batches of at most data.batch_size={cap}"
+            )
+        with open_dict(cfg):
+            data.batch_size = per_rank
+            cfg.trainer.accumulate_grad_batches = accumulate
+        done = {"data.batch_size": per_rank, "trainer.accumulate_grad_batches": accumulate}
+    scaling = optim.get("lr_scaling", "none") if optim is not None else "none"
+    reference = optim.get("lr_reference_batch") if optim is not None else None
+    if scaling not in LR_SCALINGS:
+        raise ConfigError(f"stage.optim.lr_scaling={scaling!r}: expected one of none, linear, sqrt")
+    if scaling != "none":
+        if not reference:
+            raise ConfigError(
+                f"stage.optim.lr_scaling={scaling}: give stage.optim.lr_reference_batch, the "
+                "global batch stage.optim.lr was set for"
+            )
+        batch = int(data.batch_size) * world * int(cfg.trainer.get("accumulate_grad_batches", 1))
+        factor = batch / reference if scaling == "linear" else math.sqrt(batch / reference)
+        with open_dict(cfg):
+            optim.lr = float(optim.lr) * factor
+        done["stage.optim.lr"] = optim.lr
+    return done
 
 
 def check_devices(trainer: DictConfig) -> None:
@@ -111,6 +183,12 @@ def check_features(cfg: DictConfig) -> dict[str, Any] | None:
     record = data_features(OmegaConf.to_container(cfg.data, resolve=True))
     if record is None:
         return None
+    if OmegaConf.select(cfg, "encoder.train_mode_augment", default=False):
+        raise ConfigError(
+            "encoder.train_mode_augment=true: the encoder's output changes every step in its "
+            "training mode; feature shards hold one fixed output (train from audio shards, or "
+            "set encoder.train_mode_augment=false)"
+        )
     enc = cfg.encoder
     mine = {
         "encoder": str(enc.name_or_path),
@@ -252,6 +330,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "encoder.dtype": _one_of(*DTYPES),
     "encoder.sample_rate": _int(1),
     "encoder.cache_max_gb": _number(0, above=True),
+    "encoder.train_mode_augment": _one_of(True, False),
     "encoder.whisper_window_seconds": _number(0, 30, above=True, null=True),
     "adapter.num_queries": _int(1),
     "adapter.cross_attention_frequency": _int(1),
@@ -272,6 +351,10 @@ RULES: dict[str, tuple[Check, str]] = {
     "data.max_tokens": _int(1, null=True),
     "data.token_overhead": _int(0, null=True),
     "data.pool_size": _int(1),
+    "data.global_batch_size": _int(1, null=True),
+    "stage.optim.lr_scaling": _one_of(*LR_SCALINGS),
+    "stage.optim.lr_reference_batch": _int(1, null=True),
+    "data.text_case": _one_of(None, "lower"),
     "trainer.max_steps": _int(-1),
     "trainer.max_epochs": _int(-1, null=True),
     "trainer.devices": (_devices, "an integer >= 1, a list of device indices, or auto"),
@@ -413,6 +496,13 @@ def validate_config(cfg: DictConfig) -> None:
                 f"(is {dropout}): dropout's own noise would pass for spread between the queries"
             )
     _check_cadence(cfg)
+    if OmegaConf.select(cfg, "encoder.train_mode_augment", default=False) and OmegaConf.select(
+        cfg, "encoder.cache_features", default=False
+    ):
+        raise ConfigError(
+            "encoder.train_mode_augment=true with encoder.cache_features=true: the encoder's "
+            "output changes every step in its training mode, so there is nothing to cache"
+        )
     strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default="")
     devices, nodes = (
         cfg.get("trainer", {}).get("devices"),

@@ -41,7 +41,8 @@ from sparqle.strategies import FSDP2Strategy
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "instruct")
-_NO_DECAY = ("bias", "norm", "LayerNorm", "layernorm", "query_tokens", "temp", "layer_weights")
+# parameters left out of weight decay by default (name fragments; stage.optim.no_decay)
+NO_DECAY = ("bias", "norm", "LayerNorm", "layernorm", "query_tokens", "temp", "layer_weights")
 
 
 class CheckpointMismatch(ValueError):
@@ -123,13 +124,16 @@ class SparQLeModule(L.LightningModule):
         val_decode_clips: int = 1000,
         max_nonfinite_steps: int = 10,
         train_tasks: list[str] | None = None,
+        text_case: str | None = None,
         features: dict[str, Any] | None = None,
         load_device: str | None = None,
     ) -> None:
         """`features`: the index record of the feature shards it trains on; the encoder is then
         neither loaded nor run (not saved: the checkpoint's encoder config rebuilds the encoder
         for inference on audio). `load_device`: where the frozen encoder and LLM are loaded
-        straight to (this rank's GPU; not saved either)."""
+        straight to (this rank's GPU; not saved either). `train_tasks`, `text_case`: what the
+        data taught it (saved, so evaluation scores zero-shot directions apart and cases its
+        references as the model learnt them)."""
         super().__init__()
         llm = upgrade_llm_config(llm)
         self.save_hyperparameters(ignore=["features", "load_device"])
@@ -318,13 +322,14 @@ class SparQLeModule(L.LightningModule):
         lr = cfg.get("lr", 1e-4)
         # BERT has no cross-attention: it starts from random weights unless a stage-1 checkpoint
         # brought it, and may then learn faster than the pretrained rest (1: one rate, as LAVIS)
+        no_decay = tuple(cfg.get("no_decay", NO_DECAY))
         fresh = not self.adapter_loaded
         new_scale = float(cfg.get("new_cross_attention_lr_scale", 1.0)) if fresh else 1.0
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
                 key = (
-                    not any(k in name for k in _NO_DECAY),
+                    not any(k in name for k in no_decay),
                     new_scale != 1.0 and "crossattention" in name,
                 )
                 groups.setdefault(key, []).append(p)

@@ -99,3 +99,49 @@ def test_train_py_stops_before_loading_anything():
         "error: adapter.num_queries=-3: expected an integer >= 1"
     ]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "world, cap, batch, accumulate",
+    [(1, 8, 8, 2), (2, 8, 8, 1), (8, 8, 2, 1), (4, 2, 2, 2), (16, 8, 1, 1)],
+)
+def test_a_global_batch_is_kept_on_any_number_of_ranks(monkeypatch, world, cap, batch, accumulate):
+    """The authors' 16 utterances an update, on 1 to 16 ranks: the per-rank batch (at most the
+    configured one) and accumulation follow; the learning rate scales only where asked."""
+    from sparqle.config import apply_global_batch
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = composed(
+        "experiment=sparqle_paper", "data.global_batch_size=16", f"data.batch_size={cap}"
+    )
+    apply_global_batch(cfg)
+    assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (batch, accumulate)
+    assert cfg.stage.optim.lr == 1e-4  # lr_scaling: none
+    for scaling, factor in (("linear", 2.0), ("sqrt", 2**0.5)):
+        cfg = composed(
+            "experiment=sparqle_paper",
+            "data.global_batch_size=32",
+            f"stage.optim.lr_scaling={scaling}",
+        )
+        apply_global_batch(cfg)
+        assert cfg.stage.optim.lr == pytest.approx(1e-4 * factor)
+
+
+def test_a_global_batch_that_does_not_split_is_one_line(monkeypatch):
+    from sparqle.config import apply_global_batch
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = composed("experiment=sparqle_paper", "data.global_batch_size=16")
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=16: not a multiple of 3 rank"):
+        apply_global_batch(cfg)
+
+
+def test_train_mode_augment_is_refused_with_a_feature_cache():
+    cfg = composed(
+        "data.train_manifest=null",
+        "data.val_manifest=null",
+        "encoder.train_mode_augment=true",
+        "encoder.cache_features=true",
+    )
+    with pytest.raises(ConfigError, match="encoder.train_mode_augment=true with encoder.cache"):
+        validate_config(cfg)

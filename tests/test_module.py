@@ -334,3 +334,29 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_dir, synth_data, ba
     # itself at the first layer (before the step's work is queued, so little waits on it)
     assert all("modeling_hubert" in r or "masking_utils" in r for r in counter.reads), counter.reads
     assert len(counter.reads) <= 1, counter.reads
+
+
+def test_weight_decay_groups_and_temperature_clamp_follow_the_config(tiny_dir, synth_data):
+    """The paper preset's grouping: fairseq's Adam decays every parameter (no_decay: []); and no
+    clamp on the contrastive temperature (BLIP-2, the authors' stage 1)."""
+
+    def groups(*overrides):
+        module = make_module(tiny_dir, synth_data, "stage=pretrain", *overrides)
+        opt = _optimizer(module)
+        return module, [(g["weight_decay"], len(g["params"])) for g in opt.param_groups]
+
+    _, ours = groups()
+    assert any(wd == 0.0 for wd, _ in ours) and any(wd > 0 for wd, _ in ours)
+    module, fairseq = groups("stage.optim.no_decay=[]")
+    assert all(wd == 0.05 for wd, _ in fairseq)
+    assert sum(n for _, n in fairseq) == len(module.trainable_names())
+    module, _ = groups("stage.pretrain.temperature_clamp=null")
+    with torch.no_grad():
+        module.model.heads.temp.fill_(2.0)
+    module.model.heads.clamp_temperature()
+    assert float(module.model.heads.temp) == 2.0
+    module, _ = groups()
+    with torch.no_grad():
+        module.model.heads.temp.fill_(2.0)
+    module.model.heads.clamp_temperature()
+    assert float(module.model.heads.temp) == 0.5

@@ -116,10 +116,16 @@ def test_paper_preset_shows_the_reference_values():
     from sparqle.prompts import PAPER_SYSTEM_PROMPT
 
     for stage in ("pretrain", "instruct"):
-        proc = run_train("experiment=sparqle_paper", f"stage={stage}", "--cfg", "job", timeout=60)
+        proc = run_train(
+            "experiment=sparqle_paper", f"stage={stage}", "--cfg", "job", "--resolve", timeout=60
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         cfg = yaml.safe_load(proc.stdout)
         optim = cfg["stage"]["optim"]
+        # the second reading of the authors' code (issue 23)
+        assert cfg["encoder"]["train_mode_augment"] is (stage == "pretrain")
+        assert cfg["data"]["text_case"] == "lower" and cfg["data"]["global_batch_size"] == 16
+        assert optim["no_decay"] == [] and optim["lr_scaling"] == "none"
         assert optim["eps"] == 1e-5 and optim["betas"] == [0.9, 0.98] and optim["lr"] == 1e-4
         assert optim["schedule"] == "constant" and optim["warmup_init_lr"] == 1e-6
         assert optim["warmup_steps"] == 1000 and optim["weight_decay"] == 0.05
@@ -138,7 +144,22 @@ def test_paper_preset_shows_the_reference_values():
         assert cfg["llm"]["max_target_tokens"] == 128
         assert cfg["data"]["tasks"] == {"transcribe": 1.0, "translate_de": 1.0}
     assert cfg["stage"]["require_init_from"] is True
-    assert cfg["stage"]["pretrain"]["max_text_tokens"] == 100
+    assert cfg["stage"]["pretrain"]["max_text_tokens"] == 512
+    assert cfg["stage"]["pretrain"]["temperature_clamp"] is None
+    # each of those values cites the authors' file and line in the preset
+    preset = (ROOT / "conf/experiment/sparqle_paper.yaml").read_text()
+    for key, source in (
+        ("text_case: lower", "speech_to_text_dataset_raw.py line 238"),
+        ("train_mode_augment:", "qformer_speech_raw.py line 79"),
+        ("global_batch_size: 16", "train.sh --batch-size 8 --update-freq 2"),
+        ("temperature_clamp: null", "sparqle_qformer_base_raw.py line 172"),
+        ("max_text_tokens: 512", "sparqle_qformer_base_raw.py line 213"),
+        ("num_beams: 5", "generation.py lines 345-358"),
+    ):
+        before = preset[: preset.index(key)]
+        assert source in before[-700:], (key, source)
+    reference = (ROOT / "conf/generation/reference.yaml").read_text()
+    assert "line 151" in reference and "temperature: 0.6" in reference
 
 
 @pytest.mark.parametrize(

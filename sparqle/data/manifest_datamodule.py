@@ -116,15 +116,19 @@ class ManifestDataModule(L.LightningDataModule):
         max_seconds: float | None = 30.0,
         seed: int = 0,
         min_seconds: float = 0.2,
+        text_case: str | None = None,
     ) -> None:
+        """`text_case`: lower lowercases every transcript and target, in training, validation and
+        evaluation alike (the references scored against too)."""
         super().__init__()
         self.paths = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.sample_rate = sample_rate
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
-        self.tasks = TaskSampler(dict(tasks or {"transcribe": 1.0}))
-        self.val_tasks = TaskSampler(dict(val_tasks or tasks or {"transcribe": 1.0}))
+        self.text_case = text_case
+        self.tasks = TaskSampler(dict(tasks or {"transcribe": 1.0}), text_case)
+        self.val_tasks = TaskSampler(dict(val_tasks or tasks or {"transcribe": 1.0}), text_case)
         self.max_seconds = max_seconds
         self.min_seconds = min_seconds
         self.seed = seed
@@ -190,7 +194,10 @@ class ManifestDataModule(L.LightningDataModule):
         if not path:
             raise ValueError("data.test_manifest (or data.val_manifest) is not set")
         dataset = ManifestDataset(
-            read_manifest(path), self.sample_rate, TaskSampler({task: 1.0}), train=False
+            read_manifest(path),
+            self.sample_rate,
+            TaskSampler({task: 1.0}, self.text_case),
+            train=False,
         )
         return self._eval_loader(dataset, batch_size or self.val_batch_size)
 

@@ -127,7 +127,10 @@ class ShardDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         pin_memory: bool | None = None,
         pool_mb: float | str | None = "auto",
+        text_case: str | None = None,
     ) -> None:
+        """`text_case`: lower lowercases every transcript and target, in training, validation and
+        evaluation alike (the references scored against too)."""
         super().__init__()
         if token_overhead is None:  # train.py measures it from the LLM's prompt
             if max_tokens is not None:
@@ -155,6 +158,7 @@ class ShardDataModule(L.LightningDataModule):
         self.resampled = resampled
         self.seed = seed
         self.pool_mb = pool_mb
+        self.text_case = text_case
         self._epoch = Epoch()
         self._resume: StreamPosition | None = None
         self._positions: PositionLog | None = None
@@ -200,7 +204,7 @@ class ShardDataModule(L.LightningDataModule):
             lambda raw: parse_samples(
                 raw,
                 self.sample_rate,
-                TaskSampler(dict(src.get("tasks") or self.tasks)),
+                TaskSampler(dict(src.get("tasks") or self.tasks), self.text_case),
                 counter,
                 None,
             ),
@@ -264,6 +268,7 @@ class ShardDataModule(L.LightningDataModule):
             feature_dim=record["hidden_size"] if record else None,
             resume=self._resume,
             pool_mb=self.worker_pool_mb(),
+            text_case=self.text_case,
         )
 
     def pipeline(self, split: str) -> Iterable[dict[str, Any]]:

@@ -326,6 +326,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         feature_dim: int | None,
         resume: StreamPosition | None = None,
         pool_mb: float | None = None,
+        text_case: str | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -336,6 +337,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.feature_dim = feature_dim
         self.resume = resume
+        self.text_case = text_case
         # a worker's memory for waiting samples: a third for the shuffle buffer, the rest for
         # the bucketing pool (None: bounded by their sample counts alone)
         total = None if pool_mb is None else int(pool_mb * 2**20)
@@ -380,7 +382,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 parse_samples(
                     shuffled,
                     self.sample_rate,
-                    TaskSampler(dict(tasks)),
+                    TaskSampler(dict(tasks), self.text_case),
                     counter,
                     seeded(*key, i, "tasks"),
                     self.min_seconds,

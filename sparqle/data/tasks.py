@@ -12,6 +12,14 @@ import numpy as np
 from sparqle.data.manifest import Utterance
 from sparqle.prompts import TRANSCRIBE, TRANSLATE, instruction, parse_task
 
+TEXT_CASES = (None, "lower")
+
+
+def cased(text: str, text_case: str | None) -> str:
+    """The text as the run trains on it: as written, or lowercased (`data.text_case=lower`, as
+    the SparQLe authors' dataset does with every target)."""
+    return text.lower() if text_case == "lower" else text
+
 
 @dataclass
 class TaskChoice:
@@ -19,6 +27,7 @@ class TaskChoice:
     lang: str  # language of the target text
     instruction: str
     target: str
+    text: str = ""  # the transcript (stage 1 pairs it with the speech), cased as the target
 
     def sample(self, utt: Utterance, audio: np.ndarray) -> dict[str, Any]:
         """The dict every DataModule yields per utterance, which `collate` batches."""
@@ -35,7 +44,7 @@ class TaskChoice:
 
     def _texts(self, utt: Utterance) -> dict[str, Any]:
         return {
-            "text": utt.text,
+            "text": self.text,
             "task": self.task,
             "lang": self.lang,
             "instruction": self.instruction,
@@ -51,10 +60,13 @@ class TaskSampler:
     names a `task` trains on that one, as the reference's manifests decide.
     """
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
+    def __init__(self, weights: Mapping[str, float], text_case: str | None = None) -> None:
         if not weights:
             raise ValueError("data.tasks is empty: give at least {transcribe: 1.0}")
+        if text_case not in TEXT_CASES:
+            raise ValueError(f"data.text_case={text_case!r}: expected lower or null")
         self.specs = [(parse_task(k), float(v)) for k, v in weights.items() if float(v) > 0]
+        self.text_case = text_case
 
     def choose(self, utt: Utterance, rng: random.Random | None) -> TaskChoice | None:
         if utt.task is not None and rng is not None:  # the manifest names its training task
@@ -73,14 +85,13 @@ class TaskSampler:
             (task, lang), _ = rng.choices(options, weights=[w for _, w in options])[0]
         return self._choice(utt, task, lang, rng)
 
-    @staticmethod
     def _choice(
-        utt: Utterance, task: str, lang: str | None, rng: random.Random | None
+        self, utt: Utterance, task: str, lang: str | None, rng: random.Random | None
     ) -> TaskChoice | None:
+        text = cased(utt.text, self.text_case)
         if task == TRANSCRIBE:
-            return TaskChoice(TRANSCRIBE, utt.lang, instruction(TRANSCRIBE, rng=rng), utt.text)
+            return TaskChoice(TRANSCRIBE, utt.lang, instruction(TRANSCRIBE, rng=rng), text, text)
         if not (utt.translation.get(lang) or "").strip():
             return None
-        return TaskChoice(
-            TRANSLATE, lang, instruction(TRANSLATE, lang, rng=rng), utt.translation[lang]
-        )
+        target = cased(utt.translation[lang], self.text_case)
+        return TaskChoice(TRANSLATE, lang, instruction(TRANSLATE, lang, rng=rng), target, text)

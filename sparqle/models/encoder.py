@@ -62,8 +62,14 @@ class SpeechEncoder(nn.Module):
         whisper_window_seconds: float | None = None,
         cache_max_gb: float = 4.0,
         device: str | None = None,
+        train_mode_augment: bool = False,
     ) -> None:
-        """`device`: where a frozen encoder's weights are loaded straight to (a rank's GPU)."""
+        """`device`: where a frozen encoder's weights are loaded straight to (a rank's GPU).
+        `train_mode_augment`: while the module trains, a frozen encoder runs in its own training
+        mode (dropout, LayerDrop and, for the wav2vec2 family, SpecAugment-style time masking, as
+        its config sets them), still without gradients: the SparQLe authors' stage 1 did this
+        (their task calls model.train() every step). Its output is then not the same from one
+        step to the next, so it cannot be cached or stored as feature shards."""
         super().__init__()
         self.name_or_path = name_or_path
         load = partial(load_frozen, device=device) if frozen else _load
@@ -122,6 +128,7 @@ class SpeechEncoder(nn.Module):
         )
         num_states = config.num_hidden_layers + 1
         self.frozen = frozen
+        self.train_mode_augment = train_mode_augment
         if layer == "last":
             self.layer: int | str = "last"
         elif layer == "weighted":
@@ -135,6 +142,11 @@ class SpeechEncoder(nn.Module):
         if frozen:
             self.model.requires_grad_(False)
             self.model.eval()
+        if cache_features and train_mode_augment:
+            raise ValueError(
+                "encoder.cache_features with encoder.train_mode_augment: the encoder's output "
+                "changes every step in training mode, so there is nothing to cache"
+            )
         if cache_features and (not frozen or self.layer == "weighted"):
             raise ValueError(
                 "encoder.cache_features needs a frozen encoder and a fixed encoder.layer"
@@ -160,8 +172,8 @@ class SpeechEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> SpeechEncoder:
         super().train(mode)
-        if self.frozen:
-            self.model.eval()  # no dropout or masking in a frozen encoder
+        if self.frozen:  # no dropout or masking in a frozen encoder, unless asked for
+            self.model.train(mode and self.train_mode_augment)
         return self
 
     @property

@@ -38,6 +38,10 @@ def check_generation(settings: Mapping[str, Any], where: str = "generation") -> 
     An unknown key is an error, not a setting silently dropped."""
     known = GenerationConfig().to_dict()
     for key in settings:
+        if key in OWN_SETTINGS:
+            if key == "stop" and settings[key] not in STOPS:
+                raise ValueError(f"{where}.stop={settings[key]!r}: expected eos or newline")
+            continue
         if key not in known or key in _NOT_SETTINGS:
             raise ValueError(
                 f"{where}.{key}: not a decoding setting (transformers' GenerationConfig fields: "
@@ -49,6 +53,10 @@ def check_generation(settings: Mapping[str, Any], where: str = "generation") -> 
 
 # GenerationConfig fields the LLM wrapper sets itself
 _NOT_SETTINGS = {"eos_token_id", "pad_token_id", "bos_token_id", "transformers_version"}
+# decoding settings of SparQLe's own: where an answer stops (the end-of-turn token, or the first
+# newline as the reference's decoding), and a seed for sampled decoding
+OWN_SETTINGS = {"stop", "seed"}
+STOPS = ("eos", "newline", None)
 
 
 @dataclass
@@ -249,19 +257,37 @@ class LLM(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, inputs: LLMInputs, max_new_tokens: int = 128, **kwargs) -> list[str]:
-        eos = {self.eos_token_id}
-        cfg_eos = self.model.generation_config.eos_token_id
-        eos |= set(
-            cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else []
-        )
+    def generate(
+        self,
+        inputs: LLMInputs,
+        max_new_tokens: int = 128,
+        stop: str | None = "eos",
+        seed: int | None = None,
+        **kwargs,
+    ) -> list[str]:
+        """Decode every row. `stop`: at the end-of-turn token(s), or at the first newline
+        (`newline`, as the SparQLe authors' decoding: their only stop token). `seed`: sampled
+        decoding draws from a generator seeded so, leaving the global random state as it was."""
+        if stop == "newline":
+            eos = {self.tokenizer("\n", add_special_tokens=False).input_ids[0]}
+        else:
+            eos = {self.eos_token_id}
+            cfg_eos = self.model.generation_config.eos_token_id
+            eos |= set(
+                cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else []
+            )
         kwargs.setdefault("do_sample", False)
-        out = self.model.generate(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(eos),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **kwargs,
-        )
+        with torch.random.fork_rng(
+            devices=[inputs.inputs_embeds.device] if inputs.inputs_embeds.is_cuda else []
+        ):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(eos),
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kwargs,
+            )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

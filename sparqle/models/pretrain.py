@@ -56,18 +56,22 @@ class SpeechTextPretrainer(nn.Module):
         query_spread_weight: float = 0.0,
         query_spread_target: float = 0.5,
         itm_negatives: str = "node",
+        temperature_clamp: tuple[float, float] | list[float] | None = (0.001, 0.5),
     ) -> None:
         """`itm_negatives`: where ITM's hard negatives are drawn from on several ranks: `all`
         (BLIP-2: the batch gathered over every rank, so every rank receives every rank's speech
         features) or `node` (the ranks of this node: their features cross no network and what a
         GPU receives stays that of one node however many nodes train). ITC's negatives are the
-        whole gathered batch either way (its projections are small)."""
+        whole gathered batch either way (its projections are small). `temperature_clamp`: the
+        range BLIP (1) keeps its contrastive temperature in after each step; BLIP-2 and the
+        SparQLe authors' stage 1 have none (null)."""
         super().__init__()
         if itm_negatives not in ("all", "node"):
             raise ValueError(
                 f"stage.pretrain.itm_negatives={itm_negatives!r}: expected all or node"
             )
         self.itm_negatives = itm_negatives
+        self.temperature_clamp = tuple(temperature_clamp) if temperature_clamp else None
         if query_spread_weight < 0 or query_spread_target <= 0:
             raise ValueError(
                 "stage.pretrain.query_spread_weight must be >= 0 and query_spread_target > 0"
@@ -94,9 +98,11 @@ class SpeechTextPretrainer(nn.Module):
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:
-        """Keep the contrastive temperature in BLIP-2's range; called after each optimizer step,
-        on the master weight (under FSDP the forward only sees a gathered copy)."""
-        self.temp.clamp_(0.001, 0.5)
+        """Keep the contrastive temperature in `temperature_clamp` (BLIP's [0.001, 0.5]) if set;
+        called after each optimizer step, on the master weight (under FSDP the forward only sees
+        a gathered copy)."""
+        if self.temperature_clamp is not None:
+            self.temp.clamp_(*self.temperature_clamp)
 
     @torch.no_grad()
     def load_bert_lm_head(self, path: str) -> bool:

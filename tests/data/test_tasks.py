@@ -61,3 +61,33 @@ def test_a_manifest_task_fixes_the_training_task():
     rng = random.Random(0)
     assert {sampler.choose(utt, rng).target for _ in range(20)} == {"Der Hund."}
     assert sampler.choose(utt, None).target == "The dog."  # evaluation asks for its own task
+
+
+def test_text_case_lower_reaches_transcripts_targets_and_references(synth_data):
+    """data.text_case=lower, as the SparQLe authors' dataset: the transcript stage 1 reads, the
+    target stage 2 learns and the reference evaluation scores against are all lowercase."""
+    from sparqle.data.manifest_datamodule import ManifestDataModule
+
+    utt = Utterance(id="a", audio="a", text="The Dog sleeps.", translation={"de": "Der Hund."})
+    sampler = TaskSampler({"transcribe": 1.0, "translate_de": 1.0}, text_case="lower")
+    choices = [sampler.choose(utt, random.Random(i)) for i in range(20)]
+    assert {c.target for c in choices} == {"the dog sleeps.", "der hund."}
+    assert {c.text for c in choices} == {"the dog sleeps."}
+    assert TaskSampler({"transcribe": 1.0}).choose(utt, None).target == "The Dog sleeps."
+    with pytest.raises(ValueError, match="data.text_case='upper'"):
+        TaskSampler({"transcribe": 1.0}, text_case="upper")
+    dm = ManifestDataModule(
+        train_manifest=str(synth_data / "train.jsonl"),
+        val_manifest=str(synth_data / "val.jsonl"),
+        batch_size=4,
+        num_workers=0,
+        text_case="lower",
+    )
+    dm.setup("fit")
+    for batch in (
+        next(iter(dm.train_dataloader())),
+        next(iter(dm.val_dataloader())),
+        next(iter(dm.eval_dataloader("translate_de", batch_size=4))),
+    ):
+        texts = batch["target"] + batch["text"]
+        assert texts and all(t == t.lower() for t in texts) and any(t[0].isalpha() for t in texts)

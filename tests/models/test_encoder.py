@@ -163,3 +163,23 @@ def test_bf16_encoder_runs_under_cpu_autocast(encoders, name):
     assert out.features.dtype == torch.bfloat16 and torch.equal(out.mask, ref.mask)
     rel = (out.features.float() - ref.features).norm() / ref.features.norm()
     assert rel < 0.05, rel  # the same features, to bf16 precision
+
+
+def test_train_mode_augment_runs_the_frozen_encoder_in_its_training_mode(tiny, tmp_path):
+    """The authors' stage 1: a frozen HuBERT in training mode (dropout, LayerDrop, time masking),
+    without gradients; in eval (and without the option) its output is fixed."""
+    import torch
+
+    from sparqle.models.encoder import SpeechEncoder
+
+    audio, lens = torch.randn(2, 16000) * 0.1, torch.tensor([16000, 12000])
+    plain = SpeechEncoder(tiny["encoder"]).train()
+    augmented = SpeechEncoder(tiny["encoder"], train_mode_augment=True).train()
+    assert not plain.model.training and augmented.model.training
+    assert torch.equal(plain(audio, lens).features, plain(audio, lens).features)
+    a, b = augmented(audio, lens).features, augmented(audio, lens).features
+    assert not torch.equal(a, b) and not a.requires_grad
+    augmented.eval()
+    assert torch.equal(augmented(audio, lens).features, augmented(audio, lens).features)
+    with pytest.raises(ValueError, match="nothing to cache"):
+        SpeechEncoder(tiny["encoder"], train_mode_augment=True, cache_features=True)

@@ -183,3 +183,34 @@ def test_checkpointing_keeps_a_fraction_of_the_frozen_llms_activations(tiny_dir,
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=0, atol=0, msg=name)
+
+
+def test_reference_decoding_stops_at_a_newline_and_is_seeded(tiny):
+    """generation=reference: sampled (seeded: the same text twice, the global random state left
+    alone) and cut at the first newline, as the SparQLe authors' decoding."""
+    from sparqle.models.llm import LLM, check_generation
+
+    llm = LLM(tiny["llm"]).eval()
+    speech = torch.randn(2, 4, llm.hidden_size)
+    inputs = llm.build_inputs(
+        speech, torch.ones(2, 4, dtype=torch.bool), ["Repeat."] * 2, pad_left=True
+    )
+    settings = check_generation(
+        {"do_sample": True, "temperature": 5.0, "top_p": 1.0, "stop": "newline", "seed": 3}
+    )
+    state = torch.get_rng_state()
+    first = llm.generate(inputs, max_new_tokens=40, **settings)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first == llm.generate(inputs, max_new_tokens=40, **settings)
+    assert all("\n" not in t for t in first)
+    # stopping at the end token instead, the same draws run on past newlines (seeds 0-1 make one)
+    unstopped = [
+        t
+        for seed in (0, 1)
+        for t in llm.generate(
+            inputs, max_new_tokens=40, **{**settings, "stop": "eos", "seed": seed}
+        )
+    ]
+    assert any("\n" in t for t in unstopped)
+    with pytest.raises(ValueError, match="generation.stop='tab'"):
+        check_generation({"stop": "tab"})
