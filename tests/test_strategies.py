@@ -95,9 +95,13 @@ def runs(tiny_dir, synth_data, wide_llm, tmp_path_factory):
     plans = {
         "one/fp32": ("data.batch_size=4", "encoder.dtype=float32", "llm.dtype=float32"),
         # with the frozen LLM's layers recomputed in backward, by either path (same weights)
+        # ... and the joint batch of 4 given as a global batch (2 a rank derived from it)
         "ddp/fp32": (
             "trainer=ddp",
-            *ON_TWO_CPUS,
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "data.batch_size=4",
+            "data.global_batch_size=4",
             "encoder.dtype=float32",
             "llm.dtype=float32",
             "llm.activation_checkpointing=true",
