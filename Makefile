@@ -97,7 +97,7 @@ demo: setup
 	  hydra.run.dir=$(DEMO_LOGS)/instruct
 	@step="6 evaluate held-out voices and sentences"; $(TIMED) $(PY) eval.py \
 	  ckpt=$(DEMO_LOGS)/instruct/checkpoints/last.ckpt data=shards data.val.urls=$(DEMO_DIR)/shards/val.json \
-	  'tasks=[asr,translate_de,translate_fr]' out=$(DEMO_LOGS)/report hydra.run.dir=$(DEMO_LOGS)/eval \
+	  'tasks=[transcribe,translate_de,translate_fr]' out=$(DEMO_LOGS)/report hydra.run.dir=$(DEMO_LOGS)/eval \
 	  > $(DEMO_LOGS)/eval.log
 	@cat $(DEMO_LOGS)/report/report.md
 	@$(PY) -m demo.summary $(DEMO_LOGS)
@@ -116,7 +116,7 @@ demo-smollm2: setup
 	  stage.init_from=$(DEMO_LOGS)/pretrain/checkpoints/last.ckpt hydra.run.dir=$(DEMO_SMOLLM2_LOGS)/instruct
 	@step="6 evaluate held-out voices and sentences"; $(TIMED) $(PY) eval.py \
 	  ckpt=$(DEMO_SMOLLM2_LOGS)/instruct/checkpoints/last.ckpt data=shards \
-	  data.val.urls=$(DEMO_DIR)/shards/val.json 'tasks=[asr,translate_de,translate_fr]' \
+	  data.val.urls=$(DEMO_DIR)/shards/val.json 'tasks=[transcribe,translate_de,translate_fr]' \
 	  out=$(DEMO_SMOLLM2_LOGS)/report hydra.run.dir=$(DEMO_SMOLLM2_LOGS)/eval > $(DEMO_SMOLLM2_LOGS)/eval.log
 	@cat $(DEMO_SMOLLM2_LOGS)/report/report.md
 	@$(PY) -m demo.summary $(DEMO_SMOLLM2_LOGS)

@@ -22,23 +22,24 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from sparqle.checkpoints import fingerprint, load_model  # noqa: E402
 from sparqle.cli import report_user_errors  # noqa: E402
-from sparqle.config import ConfigError, validate_config  # noqa: E402  (registers resolvers)
+from sparqle.config import ConfigError, register_resolvers, validate_config  # noqa: E402
 from sparqle.distributed import gather_objects  # noqa: E402
 from sparqle.evaluation import (  # noqa: E402
     BatchGenerator,
-    fingerprint,
-    load_model,
     merge_rank_rows,
     score,
     task_key,
     write_report,
     write_rows,
 )
+from sparqle.inference import piece_seconds  # noqa: E402
 from sparqle.models.llm import check_generation  # noqa: E402
 from sparqle.strategies import TrainableOnlyDDPStrategy  # noqa: E402
 
 log = logging.getLogger("sparqle.eval")
+register_resolvers()
 
 
 def eval_trainer(cfg: DictConfig) -> L.Trainer:
@@ -71,7 +72,7 @@ def refuse_feature_shards(data: DictConfig) -> None:
     """Scores come from the audio through the checkpoint's own encoder, never stored features."""
     if not str(data.get("_target_", "")).endswith("ShardDataModule"):
         return
-    from sparqle.data.shard_datamodule import feature_record
+    from sparqle.data.shards import feature_record
 
     held = {
         f"data.{k}": OmegaConf.to_container(data[k], resolve=True)
@@ -120,7 +121,7 @@ def evaluate(cfg: DictConfig) -> dict:
         log.info("%s: decoding with %s", name, generation)
         pieces = None
         if cfg.vad:
-            pieces = cfg.max_piece_seconds or module.longest_clip_seconds()
+            pieces = piece_seconds(module, cfg.max_piece_seconds)
             log.info("%s: VAD on, clips cut at pauses into pieces of <= %.1f s", name, pieces)
         entry = {
             "generation_preset": generation_preset(),

@@ -21,14 +21,16 @@ from sparqle.config import (  # noqa: E402
     check_features,
     check_files,
     check_init_from,
-    module_kwargs,
+    register_resolvers,
     validate_config,
 )
 from sparqle.lifecycle import StopOnSignal, resolve_resume, wandb_run_id  # noqa: E402
-from sparqle.module import SparQLeModule, TrainingDiverged  # noqa: E402
+from sparqle.lit_module import SparQLeModule  # noqa: E402
+from sparqle.optim import TrainingDiverged  # noqa: E402
 from sparqle.strategies import load_device  # noqa: E402
 
 log = logging.getLogger("sparqle.train")
+register_resolvers()  # before Hydra composes: ${tiny:..}, ${run_id:..}, ${mul:..} ...
 TRAIN_ERRORS = (*USER_ERRORS, TrainingDiverged, MisconfigurationException)
 
 
@@ -49,8 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if isinstance(callback, StopOnSignal):
             callback.resume_from = resume  # every rank's choice is compared once they connect
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    module = SparQLeModule(
-        **module_kwargs(cfg),
+    module = SparQLeModule.from_config(
+        cfg,
         features=features,
         load_device=load_device(cfg.trainer.accelerator, cfg.trainer.devices),
     )

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparqle.data.bucketing import bucket_batches, padded_fraction  # noqa: E402
-from sparqle.data.shard_datamodule import ShardDataModule, expand_urls  # noqa: E402
+from sparqle.data.shard_datamodule import ShardDataModule  # noqa: E402
+from sparqle.data.shards import expand_urls  # noqa: E402
 
 
 def ensure_shards(n: int) -> Path:
@@ -69,8 +70,8 @@ def full_pipeline(index: Path) -> tuple[float, float, list[list[int]]]:
     )
     audio_s, lens, start = 0.0, [], time.perf_counter()
     for batch in dm.train_dataloader():
-        audio_s += float(batch["audio_lens"].sum()) / 16000
-        lens.append(batch["audio_lens"].tolist())
+        audio_s += float(batch.audio_lens.sum()) / 16000
+        lens.append(batch.audio_lens.tolist())
     return audio_s, time.perf_counter() - start, lens
 
 

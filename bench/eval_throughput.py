@@ -45,7 +45,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_manifest(Path(tmp) / "manifest.jsonl", synthesise(Path(tmp), args.n, seed=1))
         dm = ManifestDataModule(test_manifest=str(Path(tmp) / "manifest.jsonl"), num_workers=0)
-        batches = list(dm.eval_dataloader("transcribe", batch_size=args.batch))
+        batches = [
+            {"audio": b.audio, "audio_lens": b.audio_lens, "instruction": b.instruction}
+            for b in dm.eval_dataloader("transcribe", batch_size=args.batch)
+        ]
     gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
 
     def run(batch_list):

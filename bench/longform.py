@@ -21,29 +21,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sparqle import metrics  # noqa: E402
+from sparqle.checkpoints import load_model  # noqa: E402
 from sparqle.data.audio import load_audio  # noqa: E402
+from sparqle.data.batch import Batch  # noqa: E402
+from sparqle.data.collate import collate  # noqa: E402
 from sparqle.data.manifest import read_manifest  # noqa: E402
-from sparqle.evaluation import generate_rows, load_model  # noqa: E402
+from sparqle.evaluation import generate_rows  # noqa: E402
+from sparqle.inference import piece_seconds  # noqa: E402
 from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 
 
-def batch_of(ids: list[str], clips: list[np.ndarray], texts: list[str]) -> dict:
-    return {
-        "id": ids,
-        "audio": pad_sequence([torch.from_numpy(c) for c in clips], batch_first=True),
-        "audio_lens": torch.tensor([len(c) for c in clips]),
-        "instruction": [instruction(TRANSCRIBE)] * len(clips),
-        "target": texts,
-        "lang": ["en"] * len(clips),
-        "num_skipped": 0,
-    }
+def batch_of(ids: list[str], clips: list[np.ndarray], texts: list[str]) -> Batch:
+    return collate(
+        [
+            {"id": i, "audio": c, "text": t, "task": TRANSCRIBE, "lang": "en", "target": t}
+            | {"instruction": instruction(TRANSCRIBE)}
+            for i, c, t in zip(ids, clips, texts, strict=True)
+        ]
+    )
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     module = load_model(args.ckpt, "cpu")
     sr = module.model.encoder.sample_rate
-    limit = module.longest_clip_seconds()
+    limit = piece_seconds(module)
     utts = read_manifest(args.manifest)[: args.per_recording * args.recordings]
     clips = [
         load_audio(u.audio, sr)

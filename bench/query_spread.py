@@ -22,16 +22,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparqle.checkpoints import load_model  # noqa: E402
 from sparqle.data.shard_datamodule import ShardDataModule  # noqa: E402
-from sparqle.evaluation import load_model  # noqa: E402
+from sparqle.lit_module import SparQLeModule  # noqa: E402
 from sparqle.models.pretrain import query_spread  # noqa: E402
-from sparqle.module import SparQLeModule  # noqa: E402
 
 COLLAPSED = 0.05
 
 
 @torch.no_grad()
-def spread(module: SparQLeModule, batches: list[dict]) -> list[float]:
+def spread(module: SparQLeModule, batches: list) -> list[float]:
     """[after layer 1, ..., after the last layer] (the last is the output the LLM reads)."""
     qformer = module.model.adapter.qformer
     outs: list[torch.Tensor] = []
@@ -44,7 +44,7 @@ def spread(module: SparQLeModule, batches: list[dict]) -> list[float]:
     try:
         for batch in batches:
             outs.clear()
-            enc = module.model.encode(batch["audio"], batch["audio_lens"])
+            enc = module.model.encode(batch.audio, batch.audio_lens)
             qformer(enc.features, enc.mask)
             per_batch.append(
                 [float(query_spread(o[:, : qformer.num_queries]).mean()) for o in outs]

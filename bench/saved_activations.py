@@ -21,12 +21,13 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from sparqle.config import module_kwargs  # noqa: E402
-from sparqle.module import SparQLeModule  # noqa: E402
+from sparqle.config import register_resolvers  # noqa: E402
+from sparqle.lit_module import SparQLeModule  # noqa: E402
 from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 
 
 def saved_elements(overrides: list[str], batch: int, seconds: float) -> tuple[int, float]:
+    register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
@@ -39,7 +40,7 @@ def saved_elements(overrides: list[str], batch: int, seconds: float) -> tuple[in
             ],
         )
     torch.manual_seed(0)
-    module = SparQLeModule(**module_kwargs(cfg)).train()
+    module = SparQLeModule.from_config(cfg).train()
     sr = module.model.encoder.sample_rate
     lens = torch.tensor([int(sr * seconds * (i + 1) / batch) for i in range(batch)])
     audio = torch.randn(batch, int(lens.max())) * 0.1

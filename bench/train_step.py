@@ -37,9 +37,11 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
 )
 
-from sparqle.config import module_kwargs  # noqa: E402
+from sparqle import flops  # noqa: E402
+from sparqle.config import register_resolvers  # noqa: E402
+from sparqle.data.batch import Batch  # noqa: E402
+from sparqle.lit_module import SparQLeModule  # noqa: E402
 from sparqle.models.tiny import ensure_tiny  # noqa: E402
-from sparqle.module import SparQLeModule  # noqa: E402
 
 ARCHITECTURES = {
     "facebook/hubert-large-ll60k": (
@@ -143,6 +145,7 @@ def build_module(overrides: list[str], meta: bool = False):
     """(SparQLeModule with random weights on the best device, composed config) from overrides;
     with `meta`, on the meta device: shapes and dtypes only, nothing allocated."""
     os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
+    register_resolvers()
     if not any(o.startswith("experiment=") for o in overrides):
         overrides = ["experiment=tiny", *overrides]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -152,10 +155,10 @@ def build_module(overrides: list[str], meta: bool = False):
             cfg[group][key] = architecture_dir(cfg[group][key], Path(cfg.paths.cache_dir))
     if meta:
         with random_weights(), torch.device("meta"):
-            return SparQLeModule(**module_kwargs(cfg)), cfg
+            return SparQLeModule.from_config(cfg), cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with random_weights():
-        module = SparQLeModule(**module_kwargs(cfg)).to(device)
+        module = SparQLeModule.from_config(cfg).to(device)
     return module, cfg
 
 
@@ -193,16 +196,19 @@ def main() -> None:
     sr = module.model.encoder.sample_rate
     n = int(args.seconds * sr)
     words = "the small dog sees the old red car today".split()
-    batch = {
-        "id": [str(i) for i in range(args.batch)],
-        "audio": torch.randn(args.batch, n, device=device) * 0.1,
-        "audio_lens": torch.full((args.batch,), n, device=device),
-        "text": [" ".join(words[j % len(words)] for j in range(args.target_words))] * args.batch,
-        "instruction": ["Transcribe the speech."] * args.batch,
-    }
-    batch["target"] = batch["text"]
-    if module.model.llm is not None:  # the LLM layout from the host's lengths, as in training
-        batch["speech_lengths"] = module.model.speech_lengths(batch["audio_lens"])
+    text = " ".join(words[j % len(words)] for j in range(args.target_words))
+    batch = Batch(
+        id=[str(i) for i in range(args.batch)],
+        text=[text] * args.batch,
+        task=["transcribe"] * args.batch,
+        lang=["en"] * args.batch,
+        instruction=["Transcribe the speech."] * args.batch,
+        target=[text] * args.batch,
+        audio=torch.randn(args.batch, n) * 0.1,
+        audio_lens=torch.full((args.batch,), n),
+    )
+    batch = module.on_before_batch_transfer(batch)  # host-side layout and counts, as in training
+    batch.audio, batch.audio_lens = batch.audio.to(device), batch.audio_lens.to(device)
     params = [q for q in module.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -210,7 +216,7 @@ def main() -> None:
 
     def step():
         with autocast:
-            out = module._losses(batch)
+            out = module.model_step(batch)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -227,7 +233,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / args.steps
-    stats = module._batch_stats(batch, out)
+    stats = {
+        "audio_seconds": batch.audio_seconds,
+        "llm_tokens": float(out.get("llm_tokens", 0)),
+        "flops": flops.step_work(module.model, batch.host_lengths, out),
+    }
     peak = get_available_flops(device, dtype) if device.type == "cuda" else cpu_peak_flops(dtype)
     result = {
         "device": torch.cuda.get_device_name()

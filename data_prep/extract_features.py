@@ -51,8 +51,10 @@ def build_encoder(overrides: list[str]) -> tuple[SpeechEncoder, dict[str, Any]]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sparqle.config import validate_group
+    from sparqle.config import register_resolvers, validate_group
     from sparqle.models.loading import describe, quiet_loading
+
+    register_resolvers()
 
     root = Path(__file__).resolve().parents[1]
     os.environ.setdefault("SPARQLE_ROOT", str(root))
@@ -80,7 +82,7 @@ def build_encoder(overrides: list[str]) -> tuple[SpeechEncoder, dict[str, Any]]:
     return encoder, enc_cfg
 
 
-def feature_record(encoder: SpeechEncoder, enc_cfg: dict[str, Any]) -> dict[str, Any]:
+def encoder_record(encoder: SpeechEncoder, enc_cfg: dict[str, Any]) -> dict[str, Any]:
     """What the index says of the features (training checks it against its encoder config)."""
     return {
         "encoder": str(enc_cfg["name_or_path"]),
@@ -195,7 +197,7 @@ def extract_features(
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     encoder, enc_cfg = build_encoder(overrides)
     encoder.to(torch.device(device))
-    record = feature_record(encoder, enc_cfg)
+    record = encoder_record(encoder, enc_cfg)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{split}-{i:06d}.tar" for i in range(len(urls))]
 

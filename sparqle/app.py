@@ -11,11 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import resample, to_mono_float
-from sparqle.data.vad import speech_pieces
 from sparqle.prompts import LANGUAGE_NAMES, TRANSCRIBE, TRANSLATE, instruction
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -30,10 +28,11 @@ def make_handler(
 ) -> Callable[[tuple[int, np.ndarray] | None, str, str], str]:
     """(sample rate, samples) from the audio widget, task, language -> text. Long audio is cut
     at pauses into pieces of `max_seconds` (default: the longest clip the model trained on)."""
-    from sparqle.evaluation import length_cap
+    from sparqle.inference import decode, piece_seconds
 
     sr = module.model.encoder.sample_rate
-    max_seconds = max_seconds or module.longest_clip_seconds()
+    pieces = piece_seconds(module, max_seconds)
+    generation = {k: v for k, v in module.generation.items() if k != "max_new_tokens"}
 
     def handle(
         audio: tuple[int, np.ndarray] | None, task: str = "Transcribe", language: str = "German"
@@ -45,19 +44,14 @@ def make_handler(
         if x.size == 0 or not np.isfinite(x).all():
             return "The clip is empty or unreadable."
         prompt = instruction(TASKS[task], language if TASKS[task] == TRANSLATE else None)
-        spans = speech_pieces(x, sr, max_seconds)
-        if not spans:
-            return NO_SPEECH
-        pieces = [torch.from_numpy(x[a:b].copy()) for a, b in spans]
-        lens = torch.tensor([len(p) for p in pieces])
-        batch = pad_sequence(pieces, batch_first=True)
-        hyps = module.model.generate(
-            batch.to(module.device),
-            lens.to(module.device),
-            [prompt] * len(pieces),
-            max_new_tokens=length_cap(float(lens.max()) / sr),
+        [d] = decode(
+            module.model,
+            [torch.from_numpy(x.copy())],
+            [prompt],
+            generation,
+            max_piece_seconds=pieces,
         )
-        return " ".join(h for h in hyps if h)
+        return NO_SPEECH if d.no_speech else d.text
 
     return handle
 
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
-    from sparqle.evaluation import load_model
+    from sparqle.checkpoints import load_model
 
     make_app(load_model(args.ckpt, "cuda" if torch.cuda.is_available() else "cpu")).launch(
         server_name=args.host, server_port=args.port

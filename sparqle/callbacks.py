@@ -32,8 +32,8 @@ PACKAGES = (
 class SpeechThroughput(L.Callback):
     """Logs audio seconds/s, samples/s, LLM tokens/s, estimated MFU and peak GPU memory.
 
-    Reads `pl_module.batch_stats` (set by the module each step: audio_seconds, samples,
-    llm_tokens, flops) and averages over `window` steps.
+    Reads the `work` the training step returns with its loss (audio_seconds, samples,
+    llm_tokens, flops: host-side counts) and averages over `window` steps.
     """
 
     def __init__(self, window: int = 10) -> None:
@@ -56,7 +56,7 @@ class SpeechThroughput(L.Callback):
                 )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats = getattr(pl_module, "batch_stats", None) or {}
+        stats = outputs.get("work", {}) if isinstance(outputs, dict) else {}
         for k, v in stats.items():
             self._acc[k] = self._acc.get(k, 0.0) + float(v)
         self._steps += 1

@@ -1,4 +1,5 @@
-"""Hydra/OmegaConf glue: resolvers the configs use, and turning a config into objects."""
+"""Hydra/OmegaConf glue: the resolvers the configs use (registered by each entry point), and the
+checks a composed config passes before anything is built (one line naming the key, exit 2)."""
 
 from __future__ import annotations
 
@@ -63,31 +64,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mul", _mul)
     if not OmegaConf.has_resolver("eq"):
         OmegaConf.register_new_resolver("eq", _eq)
-
-
-def training_tasks(data: DictConfig) -> list[str]:
-    """Task specs the configured data trains on (to tell zero-shot directions apart at eval)."""
-    default = data.get("tasks") or OmegaConf.create({})
-    sources = (data.get("train") or {}).values()  # shards: named sources, each may set its own
-    weights = [OmegaConf.to_container(src.get("tasks") or default) for src in sources]
-    if not weights:
-        weights.append(OmegaConf.to_container(default))
-    return sorted({k for w in weights for k, v in w.items() if float(v) > 0} or {"transcribe"})
-
-
-def module_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The parts of the composed config the LightningModule is built (and rebuilt) from."""
-    return {
-        "stage": OmegaConf.to_container(cfg.stage, resolve=True),
-        "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
-        "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
-        "llm": OmegaConf.to_container(cfg.llm, resolve=True),
-        "generation": OmegaConf.to_container(cfg.generation, resolve=True),
-        "val_decode_clips": cfg.val_decode_clips,
-        "max_nonfinite_steps": cfg.max_nonfinite_steps,
-        "train_tasks": training_tasks(cfg.data),
-        "text_case": cfg.data.get("text_case"),
-    }
 
 
 def world_size(trainer: DictConfig) -> int:
@@ -178,7 +154,7 @@ def check_devices(trainer: DictConfig) -> None:
 def check_features(cfg: DictConfig) -> dict[str, Any] | None:
     """Feature shards' record, once their encoder, layer and window are the config's: features
     of another encoder would train an adapter that fails on that encoder's real output."""
-    from sparqle.data.shard_datamodule import data_features, describe_features
+    from sparqle.data.shards import data_features, describe_features
 
     record = data_features(OmegaConf.to_container(cfg.data, resolve=True))
     if record is None:
@@ -513,6 +489,3 @@ def validate_config(cfg: DictConfig) -> None:
             "trainer.devices=1: trainer=fsdp shards over 2 or more devices (trainer=default "
             "or trainer=gpu trains on one)"
         )
-
-
-register_resolvers()

@@ -23,6 +23,14 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def rank_world(trainer: Any = None) -> tuple[int, int]:
+    """(rank, world size) from a Lightning trainer where one runs the show (its ranks exist
+    before the process group), else from the process group."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    return world()
+
+
 def host_group():
     """A gloo group for host-side values: the default group where it is gloo already."""
     global _HOST_GROUP

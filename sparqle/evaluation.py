@@ -1,15 +1,13 @@
-"""Batched generation over an evaluation set, scoring, and the report files.
+"""eval.py's work: decoding an evaluation set on any number of ranks, scoring, the report files.
 
-rows (one per utterance and task) -> per-task metrics -> out/{NAME}.tsv, report.json, report.md
+batches -> sparqle.inference.decode -> rows (one per utterance and task) -> per-task metrics
+(sparqle.metrics.score_task) -> out/{NAME}.tsv, report.json, report.md
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,17 +16,16 @@ from typing import Any
 import lightning as L
 import torch
 from rich.progress import Progress
-from torch.nn.utils.rnn import pad_sequence
 
 from sparqle import metrics
-from sparqle.data.tasks import parse_task
-from sparqle.models.llm import check_generation
+from sparqle.inference import decode
+from sparqle.prompts import TRANSCRIBE, parse_task, task_spec
 
 
 @dataclass
 class Row:
     id: str
-    task: str  # "asr" or "translate_LANG"
+    task: str  # "transcribe" or "translate_LANG"
     lang: str
     reference: str
     hypothesis: str
@@ -40,150 +37,60 @@ class Row:
 
 
 def task_key(spec: str) -> str:
-    task, lang = parse_task(spec)
-    return "asr" if task == "transcribe" else f"translate_{lang}"
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", generates: bool = True):
-    """A SparQLeModule from a trainable-only export folder or a full training checkpoint;
-    `generates=False` also accepts a stage-1 one (no LLM: for looking at its Q-Former)."""
-    from sparqle.export import WEIGHTS, load_exported
-    from sparqle.module import SparQLeModule
-
-    path = Path(path)
-    if path.is_dir() and (path / WEIGHTS).is_file():
-        module = load_exported(path)
-    elif path.is_file():
-        hparams = torch.load(path, map_location="cpu", weights_only=True).get(
-            "hyper_parameters", {}
-        )
-        stage = {**hparams.get("stage", {}), "init_from": None}  # the weights are in the checkpoint
-        with warnings.catch_warnings():  # the frozen encoder/LLM are absent from it by design
-            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
-            module = SparQLeModule.load_from_checkpoint(
-                path, map_location="cpu", weights_only=True, stage=stage
-            )
-    else:
-        raise FileNotFoundError(f"ckpt={path}: neither a checkpoint file nor an export folder")
-    if generates and module.stage != "instruct":
-        raise ValueError(
-            f"ckpt={path}: a stage-{module.stage} model cannot generate text; evaluate a stage-instruct one"
-        )
-    return module.to(device).eval()
-
-
-def fingerprint(path: str | Path) -> str:
-    from sparqle.export import WEIGHTS
-
-    path = Path(path)
-    target = path / WEIGHTS if path.is_dir() else path
-    digest = hashlib.sha256()
-    with target.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def inference_bf16(device: torch.device | str, precision: str = "auto") -> bool:
-    """Whether generation runs under bf16 autocast: on a GPU by default (the adapter's fp32
-    weights then run at the frozen LLM's speed), on a CPU only when asked."""
-    if precision not in ("auto", "bf16", "32"):
-        raise ValueError(f"precision={precision}: expected auto, bf16 or 32")
-    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
-
-
-def inference_autocast(device: torch.device | str, precision: str = "auto") -> torch.autocast:
-    device = torch.device(device)
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=inference_bf16(device, precision)
-    )
-
-
-def length_cap(seconds: float, base: int = 16, per_second: float = 8) -> int:
-    """A max_new_tokens bound from the audio duration (speech is ~3 words/s), where the
-    decoding settings give none."""
-    return int(math.ceil(base + per_second * seconds))
-
-
-def plan_pieces(
-    audio: torch.Tensor, audio_lens: torch.Tensor, sample_rate: int, max_seconds: float | None
-) -> list[list[tuple[int, int]]]:
-    """Per clip, the spans given to the model: the whole clip, or (with the VAD, `max_seconds`
-    set) nothing for a clip without speech and pieces cut at pauses for one longer than that."""
-    lens = audio_lens.tolist()
-    if max_seconds is None:
-        return [[(0, n)] for n in lens]
-    from sparqle.data.vad import speech_pieces
-
-    host = audio.float().cpu().numpy()
-    return [speech_pieces(host[i, :n], sample_rate, max_seconds) for i, n in enumerate(lens)]
+    """A task as eval.py's `tasks` give it ('asr' is accepted for 'transcribe') -> its one name."""
+    return task_spec(*parse_task(spec))
 
 
 @torch.no_grad()
 def generate_rows(
     module,
-    batches: Iterable[dict],
+    batches: Iterable,
     spec: str,
     generation: dict[str, Any],
     progress: Progress | None = None,
     cap: dict[str, float] | None = None,
     max_piece_seconds: float | None = None,
+    precision: str = "auto",
 ) -> tuple[list[Row], int]:
-    """Hypotheses for every utterance of `batches` (a whole batch per generate call).
-
-    `generation` goes whole to `generate` (checked: unknown keys are an error); without
-    max_new_tokens in it, each batch is capped by `length_cap` of its longest piece.
-    `max_piece_seconds` turns the VAD on (`plan_pieces`): long clips are decoded piece by
-    piece and the text joined; a clip with no speech gets an empty hypothesis, flagged."""
+    """A row per utterance of `batches`, decoded by `sparqle.inference.decode` (a whole batch per
+    generate call; `max_piece_seconds` turns the VAD on: long clips decoded piece by piece and
+    the text joined, a clip with no speech an empty hypothesis, flagged)."""
     key = task_key(spec)
     _, lang = parse_task(spec)
-    gen = check_generation(generation)
-    fixed = gen.pop("max_new_tokens", None)
     sr = module.model.encoder.sample_rate
     rows, skipped = [], 0
     bar = progress.add_task(f"{key}", total=None) if progress else None
     for batch in batches:
-        skipped += int(batch["num_skipped"])
-        if not batch["id"]:
+        skipped += int(batch.num_skipped)
+        if not len(batch):
             continue
-        seconds = (batch["audio_lens"].float() / sr).tolist()
-        plans = plan_pieces(batch["audio"], batch["audio_lens"], sr, max_piece_seconds)
-        owner = [i for i, plan in enumerate(plans) for _ in plan]
-        texts: list[list[str]] = [[] for _ in plans]
-        if owner:
-            spans = [span for plan in plans for span in plan]
-            lens = torch.tensor([b - a for a, b in spans])
-            audio = pad_sequence(
-                [batch["audio"][i, a:b] for i, (a, b) in zip(owner, spans, strict=True)],
-                batch_first=True,
-            )
-            hyps = module.model.generate(
-                audio.to(module.device),
-                lens.to(module.device),
-                [batch["instruction"][i] for i in owner],
-                max_new_tokens=fixed or length_cap(float(lens.max()) / sr, **(cap or {})),
-                **gen,
-            )
-            for i, hyp in zip(owner, hyps, strict=True):
-                texts[i].append(hyp.strip())
-        for i, plan in enumerate(plans):
-            hyp = " ".join(t for t in texts[i] if t)
+        decoded = decode(
+            module.model,
+            batch.clips(),
+            batch.instruction,
+            generation,
+            max_piece_seconds=max_piece_seconds,
+            cap=cap,
+            precision=precision,
+        )
+        seconds = (batch.audio_lens.float() / sr).tolist()
+        for i, d in enumerate(decoded):
             row = Row(
-                id=batch["id"][i],
+                id=batch.id[i],
                 task=key,
-                lang=lang or batch["lang"][i],
-                reference=batch["target"][i],
-                hypothesis=hyp,
+                lang=lang or batch.lang[i],
+                reference=batch.target[i],
+                hypothesis=d.text,
                 seconds=round(seconds[i], 3),
-                looping=metrics.is_looping(hyp),
-                refusal=metrics.is_refusal(hyp),
-                no_speech=not plan,
+                looping=metrics.is_looping(d.text),
+                refusal=metrics.is_refusal(d.text),
+                no_speech=d.no_speech,
             )
-            if key == "asr":
-                row.errors = metrics.utterance_errors(row.reference, hyp, row.lang)
+            if key == TRANSCRIBE:
+                row.errors = metrics.utterance_errors(row.reference, d.text, row.lang)
             rows.append(row)
         if progress:
-            progress.advance(bar, len(plans))
+            progress.advance(bar, len(decoded))
     return rows, skipped
 
 
@@ -215,16 +122,16 @@ class BatchGenerator(L.LightningModule):
         """Built once the ranks are up, so the loader knows this rank's share."""
         return self.loader()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> tuple[list[Row], int]:
-        with inference_autocast(self.device, self.precision):
-            return generate_rows(
-                self.module,
-                [batch],
-                self.spec,
-                self.generation,
-                cap=self.cap,
-                max_piece_seconds=self.max_piece_seconds,
-            )
+    def predict_step(self, batch, batch_idx: int) -> tuple[list[Row], int]:
+        return generate_rows(
+            self.module,
+            [batch],
+            self.spec,
+            self.generation,
+            cap=self.cap,
+            max_piece_seconds=self.max_piece_seconds,
+            precision=self.precision,
+        )
 
 
 def merge_rank_rows(per_rank: list[list[tuple[list[Row], int]]]) -> tuple[list[Row], int]:
@@ -240,7 +147,6 @@ def merge_rank_rows(per_rank: list[list[tuple[list[Row], int]]]) -> tuple[list[R
 
 
 def score(rows: list[Row], key: str, skipped: int, train_tasks: list[str] | None) -> dict[str, Any]:
-    refs, hyps = [r.reference for r in rows], [r.hypothesis for r in rows]
     out: dict[str, Any] = {
         "utterances": len(rows),
         "skipped": skipped,
@@ -250,13 +156,11 @@ def score(rows: list[Row], key: str, skipped: int, train_tasks: list[str] | None
     }
     if not rows:
         return out
-    if key == "asr":
-        out |= metrics.word_error_rate(refs, hyps, rows[0].lang)
-    else:
-        lang = key.split("_", 1)[1]
-        out |= metrics.translation_scores(refs, hyps, lang)
-        trained = {task_key(t) for t in (train_tasks or [])}
-        out["zero_shot"] = key not in trained
+    out |= metrics.score_task(
+        key, [r.reference for r in rows], [r.hypothesis for r in rows], rows[0].lang
+    )
+    if key != TRANSCRIBE:
+        out["zero_shot"] = key not in {task_key(t) for t in (train_tasks or [])}
     return out
 
 
@@ -280,7 +184,7 @@ def markdown(report: dict[str, Any]) -> str:
     def table(task_list: list[str]) -> list[str]:
         head, cols = ["model"], []
         for t in task_list:
-            names = ["WER", "CER"] if t == "asr" else ["BLEU", "chrF"]
+            names = ["WER", "CER"] if t == TRANSCRIBE else ["BLEU", "chrF"]
             head += [f"{t} {n}" for n in names]
             cols += [(t, n) for n in names]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -316,7 +220,7 @@ def markdown(report: dict[str, Any]) -> str:
         m["tasks"][t].get("bleu_signature")
         for m in models.values()
         for t in m["tasks"]
-        if t != "asr"
+        if t != TRANSCRIBE
     }
     for s in sorted(x for x in sigs if x):
         out.append(f"BLEU signature: `{s}`  ")

@@ -11,7 +11,8 @@ and a trained module three times (forward, backward to inputs and to weights).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def layers(n: int, positions: int, hidden: int, intermediate: int) -> float:
@@ -81,3 +82,31 @@ def llm_forward(config, rows: Sequence[int], scored: Sequence[int]) -> float:
         gated_layers(config.num_hidden_layers, n, h, kv, config.intermediate_size) for n in rows
     )
     return flops + sum(2 * n * h * config.vocab_size for n in scored)
+
+
+def encoder_forward(encoder, samples: int) -> float:
+    """A speech encoder's forward over one clip of `samples` (Whisper: its fixed window)."""
+    config = encoder.model.config
+    if hasattr(config, "conv_dim"):
+        return ssl_encoder(config, samples)
+    return whisper_encoder(config, encoder.feature_extractor.nb_max_frames)
+
+
+def step_work(model, lengths: Sequence[int], losses: Mapping[str, Any]) -> float:
+    """A training step's FLOPs from host-side counts: `lengths` are the clips' samples (or
+    feature frames), `losses` what the step's loss computation returned (stage 1: the text
+    lengths; stage 2: the LLM rows and where scoring starts). The encoder counts its forward
+    once (nothing where it does not run: feature shards, or its output cached), the trained
+    adapter three times (forward, both backwards), the frozen LLM twice (forward, backward to
+    its inputs)."""
+    encoder = model.encoder
+    import torch
+
+    frames = encoder.output_lengths(torch.tensor(list(lengths), dtype=torch.long)).tolist()
+    runs = hasattr(encoder, "model") and not getattr(encoder, "cache_features", False)
+    total = sum(encoder_forward(encoder, n) for n in lengths) if runs else 0.0
+    total += 3 * model.adapter.flops(frames, encoder.hidden_size, losses.get("text_lengths"))
+    if model.llm is not None and losses.get("llm_rows"):
+        rows, start = losses["llm_rows"], losses["llm_scored_from"]
+        total += 2 * llm_forward(model.llm.model.config, rows, [n - start for n in rows])
+    return total

@@ -217,6 +217,8 @@ class StopOnSignal(L.Callback):
         self._flags: torch.Tensor | None = None
         self._last_checked = -1
         self._watchdog: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._wakeup: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -229,6 +231,13 @@ class StopOnSignal(L.Callback):
             for sig in self.signals:
                 self.previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._note)
+            # Python runs a handler only when the main thread runs Python again; one stuck in a
+            # collective never would. The interpreter's C handler also writes the signal's number
+            # to the wakeup fd at once: a thread of ours reads it there and starts the watchdog.
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._wakeup = (read, write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+            threading.Thread(target=self._listen, args=(read,), daemon=True).start()
         self._agree_on_resume(trainer)
 
     def _agree_on_resume(self, trainer: L.Trainer) -> None:
@@ -245,13 +254,27 @@ class StopOnSignal(L.Callback):
 
     def _note(self, signum: int, frame: Any) -> None:
         """The signal handler: note it, start the watchdog. No collective, no I/O but a log line."""
-        if signum not in self.received:
-            self.received[signum] = time.monotonic()
-            log.warning("rank %s: %s received", _rank(), signal.Signals(signum).name)
-        if self._watchdog is None:
-            self._watchdog = threading.Timer(self.timeout_s, self._give_up, args=(signum,))
-            self._watchdog.daemon = True
-            self._watchdog.start()
+        with self._lock:
+            if signum not in self.received:
+                self.received[signum] = time.monotonic()
+                log.warning("rank %s: %s received", _rank(), signal.Signals(signum).name)
+            if self._watchdog is None:
+                self._watchdog = threading.Timer(self.timeout_s, self._give_up, args=(signum,))
+                self._watchdog.daemon = True
+                self._watchdog.start()
+
+    def _listen(self, read: int) -> None:
+        """The wakeup fd's reader: a stop signal noted even while the main thread is stuck."""
+        while True:
+            try:
+                data = os.read(read, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self.signals:
+                    self._note(signum, None)
 
     def _give_up(self, signum: int) -> None:
         log.error(
@@ -344,6 +367,11 @@ class StopOnSignal(L.Callback):
         if threading.current_thread() is threading.main_thread():
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
+            if self._wakeup is not None:
+                read, write, previous = self._wakeup
+                signal.set_wakeup_fd(previous)
+                os.close(write)  # the reader sees the end and returns
+                self._wakeup = None
         self.previous = {}
 
 

@@ -132,3 +132,23 @@ _REFUSAL = re.compile(
 def is_refusal(text: str) -> bool:
     """The LLM declined instead of answering (an instruction-tuned model's stock phrases)."""
     return bool(_REFUSAL.search(text))
+
+
+def score_task(spec: str, references: list[str], hypotheses: list[str], lang: str = "en") -> dict:
+    """A task's corpus figures: WER/CER for transcription, BLEU/chrF (with sacrebleu's signature)
+    for translation into the spec's language. Validation and eval.py score with this alone."""
+    from sparqle.prompts import TRANSCRIBE, parse_task
+
+    task, target = parse_task(spec)
+    if task == TRANSCRIBE:
+        return word_error_rate(references, hypotheses, lang)
+    return translation_scores(references, hypotheses, target)
+
+
+def headline(spec: str, references: list[str], hypotheses: list[str]) -> tuple[str, float]:
+    """The one figure a task is watched by in training: ("wer", ...) or ("bleu_LANG", ...)."""
+    from sparqle.prompts import TRANSCRIBE, parse_task
+
+    task, target = parse_task(spec)
+    scores = score_task(spec, references, hypotheses)
+    return ("wer", scores["wer"]) if task == TRANSCRIBE else (f"bleu_{target}", scores["bleu"])

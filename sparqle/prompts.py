@@ -89,8 +89,15 @@ def instruction(task: str, lang: str | None = None, rng: random.Random | None = 
     return text
 
 
+def task_spec(task: str, lang: str | None = None) -> str:
+    """(task, lang) -> the one name a task goes by everywhere: 'transcribe' or 'translate_LANG'
+    (data configs, validation figures, eval.py's `tasks` and report)."""
+    return TRANSCRIBE if task == TRANSCRIBE else f"{TRANSLATE}_{lang}"
+
+
 def parse_task(spec: str) -> tuple[str, str | None]:
-    """'transcribe' or 'translate_de' / 'translate:de' -> (task, lang)."""
+    """'transcribe' or 'translate_de' / 'translate:de' -> (task, lang); 'asr' is an older name
+    of 'transcribe' (eval.py's tasks before 2026-12-01)."""
     if spec == TRANSCRIBE or spec == "asr":
         return TRANSCRIBE, None
     for sep in ("_", ":"):

@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from sparqle.checkpoints import checkpoint_names
 from sparqle.models.blocks import block_classes, checkpoint_blocks
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         from torch.distributed.tensor import DTensor
 
         module = self.lightning_module
-        keep = set(module.checkpoint_names())
+        keep = set(checkpoint_names(module))
         out = {}
         for name, value in module.state_dict().items():  # sharded views: no communication
             if name not in keep:

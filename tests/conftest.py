@@ -11,7 +11,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from sparqle.config import register_resolvers  # noqa: E402
 from sparqle.models.tiny import ensure_tiny  # noqa: E402
+
+register_resolvers()  # the tests compose configs as train.py and eval.py do
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,15 +51,15 @@ def _seed():
 def trained(tiny_dir, synth_data, tmp_path_factory) -> Path:
     """A tiny stage-2 model after one step, as a full checkpoint (model.ckpt) and an export."""
 
+    from sparqle.checkpoints import export
     from sparqle.data.manifest_datamodule import ManifestDataModule
-    from sparqle.export import export
-    from tests.test_module import _one_step, make_module, save_checkpoint
+    from tests.helpers import make_module, one_step, save_checkpoint
 
     out = tmp_path_factory.mktemp("trained")
     module = make_module(tiny_dir, synth_data, "stage=instruct")
     dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
     dm.setup("fit")
-    _one_step(module, next(iter(dm.train_dataloader())))
+    one_step(module, next(iter(dm.train_dataloader())))
     save_checkpoint(module, out / "model.ckpt")
     export(out / "model.ckpt", out / "export")
     return out

@@ -24,9 +24,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from sparqle.config import module_kwargs  # noqa: E402
 from sparqle.data.collate import collate  # noqa: E402
-from sparqle.module import SparQLeModule  # noqa: E402
+from sparqle.lit_module import SparQLeModule  # noqa: E402
 from sparqle.strategies import FSDP2Strategy, TrainableOnlyDDPStrategy  # noqa: E402
 
 RANK = int(os.environ.get("RANK", 0))
@@ -34,6 +33,9 @@ WORLD = int(os.environ.get("WORLD_SIZE", 1))
 
 
 def config(overrides: list[str]):
+    from sparqle.config import register_resolvers
+
+    register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=["experiment=tiny", "paths.output_dir=/tmp", *overrides])
 
@@ -84,14 +86,14 @@ def faults(out: str, strategy: str, overrides: list[str]) -> None:
     """Rank 1's second batch is empty (every clip skipped); rank 0's fourth loss is NaN."""
     cfg = config(overrides)
     L.seed_everything(cfg.seed)
-    module = SparQLeModule(**module_kwargs(cfg))
+    module = SparQLeModule.from_config(cfg)
     datamodule = instantiate(cfg.data)
     real_loader = datamodule.train_dataloader
 
     def loader():
         for i, batch in enumerate(real_loader()):
             if RANK == 1 and i == 1:
-                batch = collate([None] * len(batch["id"]))  # what the pipeline yields then
+                batch = collate([None] * len(batch.id))  # what the pipeline yields then
             yield batch
 
     class Loader:  # an iterable of batches (a list would read as a list of dataloaders)
@@ -99,7 +101,7 @@ def faults(out: str, strategy: str, overrides: list[str]) -> None:
             return loader()
 
     datamodule.train_dataloader = Loader
-    real_losses, calls = module._losses, {"n": 0}
+    real_losses, calls = module.model_step, {"n": 0}
 
     def losses(batch):
         out = real_losses(batch)
@@ -108,7 +110,7 @@ def faults(out: str, strategy: str, overrides: list[str]) -> None:
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    module._losses = losses
+    module.model_step = losses
     weights = Weights()
     run = trainer(strategy, max_steps=6, limit_val_batches=0, callbacks=[weights])
     run.fit(module, datamodule=datamodule)
@@ -137,7 +139,7 @@ def partial_references(module: SparQLeModule) -> None:
     real_step, targets = module.validation_step, []
 
     def step(batch, batch_idx):
-        targets[:] = batch["target"]
+        targets[:] = batch.target
         return real_step(batch, batch_idx)
 
     def generate(audio, audio_lens, instructions, **kwargs):
@@ -179,7 +181,7 @@ def validate(out: str, overrides: list[str], batches: list[int], shards: str) ->
                 common = [o for o in overrides if kind == "manifest" or "_manifest=" not in o]
                 cfg = config([*data_overrides(b, task), *common, f"stage={stage}"])
                 L.seed_everything(cfg.seed)
-                module = SparQLeModule(**module_kwargs(cfg))
+                module = SparQLeModule.from_config(cfg)
                 if stage == "instruct":
                     partial_references(module)
                 run = trainer("ddp")
@@ -197,12 +199,12 @@ def host_reads(out: str, overrides: list[str]) -> None:
 
     cfg = config(overrides)
     L.seed_everything(cfg.seed)
-    module = SparQLeModule(**module_kwargs(cfg))
+    module = SparQLeModule.from_config(cfg)
     datamodule = instantiate(cfg.data)
     counter = HostReads()
     # host tensors, no device is read: lengths and FLOP counts built from host lists before the
     # copy, and the sampler's permutation as a new epoch's loader starts
-    host_side = ("on_before_batch_transfer", "collate", "_batch_stats", "combined_loader.py")
+    host_side = ("on_before_batch_transfer", "collate", "step_work", "combined_loader.py")
 
     class PerStep(L.Callback):
         def __init__(self) -> None:

@@ -15,6 +15,72 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def make_cfg(tiny_dir: Path, synth_data: Path, *overrides: str):
+    """The composed `experiment=tiny` config (as train.py composes it) on the session's data."""
+    from hydra import compose, initialize_config_dir
+
+    from sparqle.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "experiment=tiny",
+                f"paths.cache_dir={tiny_dir}",
+                f"data.train_manifest={synth_data / 'train.jsonl'}",
+                f"data.val_manifest={synth_data / 'val.jsonl'}",
+                "paths.output_dir=/tmp/unused",
+                *overrides,
+            ],
+        )
+
+
+def make_module(tiny_dir: Path, synth_data: Path, *overrides: str):
+    from sparqle.lit_module import SparQLeModule
+
+    return SparQLeModule.from_config(make_cfg(tiny_dir, synth_data, *overrides))
+
+
+def save_checkpoint(module, path) -> None:
+    """A Lightning checkpoint of a module that has not been fitted."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+
+
+def one_step(module, batch) -> None:
+    """One AdamW step of the stage's loss on `batch` (host-side layout prepared first)."""
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    loss = module.model_step(module.on_before_batch_transfer(batch))["loss"]
+    loss.backward()
+    opt.step()
+
+
+def run_cli(
+    script: str, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """An entry point of the repository (train.py, eval.py, `-m module`) as a user runs it."""
+    command = [
+        sys.executable,
+        *(["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]),
+    ]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **env},
+    )
+
+
 def tiny_overrides(tiny_dir: Path, synth_data: Path, *extra: str) -> list[str]:
     """`experiment=tiny` on the session's tiny models and synthesised manifests, quiet."""
     return [

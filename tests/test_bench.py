@@ -89,8 +89,8 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
 
     import torch
 
+    from sparqle.checkpoints import load_model
     from sparqle.data.shard_datamodule import ShardDataModule
-    from sparqle.evaluation import load_model
     from sparqle.models.pretrain import query_spread
 
     spec = importlib.util.spec_from_file_location(
@@ -103,7 +103,7 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
     batch = next(iter(dm.val_dataloader()))
     module = load_model(ckpt, generates=False)
     with torch.no_grad():
-        enc = module.model.encode(batch["audio"], batch["audio_lens"])
+        enc = module.model.encode(batch.audio, batch.audio_lens)
         direct = float(query_spread(module.model.adapter.qformer(enc.features, enc.mask)).mean())
     assert bench.spread(module, [batch])[-1] == pytest.approx(direct, rel=1e-6)
 

@@ -88,13 +88,13 @@ def test_short_demo_learns_to_transcribe(tmp_path):
         f"ckpt={logs / 'instruct' / 'checkpoints' / 'last.ckpt'}",
         "data=shards",
         f"data.val.urls={shards}",
-        "tasks=[asr]",
+        "tasks=[asr]",  # the older name of transcribe, still read
         f"out={tmp_path / 'report'}",
         f"paths.cache_dir={cache}",
         f"hydra.run.dir={tmp_path / 'eval'}",
     )
     wer = json.loads((tmp_path / "report" / "report.json").read_text())["models"]["last"]["tasks"][
-        "asr"
+        "transcribe"
     ]["wer"]
     # An adapter that learnt nothing leaves the LLM answering at random (WER ~100 %). After these
     # 150 steps (no stage 1) the loss fell to 0.46 of its start and the training-set WER to 59 %

@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sparqle.evaluation import (
-    generate_rows,
-    inference_autocast,
-    inference_bf16,
-    length_cap,
-    load_model,
-    score,
-)
+from sparqle.checkpoints import load_model
+from sparqle.data.batch import Batch
+from sparqle.evaluation import generate_rows, score
+from sparqle.inference import inference_autocast, inference_bf16, length_cap
 from sparqle.models.llm import check_generation
 from tests.conftest import ROOT
-from tests.test_module import make_module, save_checkpoint
+from tests.helpers import make_module, save_checkpoint
 
 
 def test_batched_generation_equals_one_at_a_time(trained, synth_data):
@@ -27,16 +23,16 @@ def test_batched_generation_equals_one_at_a_time(trained, synth_data):
     dm = ManifestDataModule(val_manifest=str(synth_data / "val.jsonl"))
     batch = next(iter(dm.eval_dataloader("transcribe", batch_size=6)))
     together = module.model.generate(
-        batch["audio"], batch["audio_lens"], batch["instruction"], max_new_tokens=6
+        batch.audio, batch.audio_lens, batch.instruction, max_new_tokens=6
     )
     alone = [
         module.model.generate(
-            batch["audio"][i : i + 1, : batch["audio_lens"][i]],
-            batch["audio_lens"][i : i + 1],
-            batch["instruction"][i : i + 1],
+            batch.audio[i : i + 1, : batch.audio_lens[i]],
+            batch.audio_lens[i : i + 1],
+            batch.instruction[i : i + 1],
             max_new_tokens=6,
         )[0]
-        for i in range(len(batch["id"]))
+        for i in range(len(batch.id))
     ]
     assert together == alone
 
@@ -79,22 +75,23 @@ def test_generate_rows_passes_every_setting_to_generate(monkeypatch):
             return ["hello"] * len(instructions)
 
     module = type("M", (), {"model": Model(), "device": torch.device("cpu")})()
-    batch = {
-        "id": ["a"],
-        "audio": torch.zeros(1, 16000),
-        "audio_lens": torch.tensor([16000]),
-        "instruction": ["Transcribe."],
-        "target": ["hello"],
-        "lang": ["en"],
-        "num_skipped": 0,
-    }
+    batch = Batch(
+        id=["a"],
+        text=["hello"],
+        task=["transcribe"],
+        lang=["en"],
+        instruction=["Transcribe."],
+        target=["hello"],
+        audio=torch.zeros(1, 16000),
+        audio_lens=torch.tensor([16000]),
+    )
     settings = {"num_beams": 3, "no_repeat_ngram_size": 2, "early_stopping": True}
-    rows, _ = generate_rows(module, [batch], "asr", {**settings, "length_penalty": 0.5})
+    rows, _ = generate_rows(module, [batch], "transcribe", {**settings, "length_penalty": 0.5})
     assert seen == {**settings, "length_penalty": 0.5, "max_new_tokens": length_cap(1.0)}
-    generate_rows(module, [batch], "asr", {"max_new_tokens": 7})
+    generate_rows(module, [batch], "transcribe", {"max_new_tokens": 7})
     assert seen["max_new_tokens"] == 7
     with pytest.raises(ValueError, match="generation.beam_size"):
-        generate_rows(module, [batch], "asr", {"beam_size": 3})
+        generate_rows(module, [batch], "transcribe", {"beam_size": 3})
 
 
 def test_no_speech_is_flagged_and_long_clips_are_decoded_in_pieces(synth_data):
@@ -121,25 +118,26 @@ def test_no_speech_is_flagged_and_long_clips_are_decoded_in_pieces(synth_data):
     audio = torch.zeros(3, int(lens.max()))
     for i, c in enumerate(clips):
         audio[i, : len(c)] = torch.from_numpy(c)
-    batch = {
-        "id": ["speech", "silence", "long"],
-        "audio": audio,
-        "audio_lens": lens,
-        "instruction": ["Transcribe."] * 3,
-        "target": ["a b", "a b", "a b"],
-        "lang": ["en"] * 3,
-        "num_skipped": 0,
-    }
+    batch = Batch(
+        id=["speech", "silence", "long"],
+        text=["a b"] * 3,
+        task=["transcribe"] * 3,
+        lang=["en"] * 3,
+        instruction=["Transcribe."] * 3,
+        target=["a b", "a b", "a b"],
+        audio=audio,
+        audio_lens=lens,
+    )
     limit = max(len(c) for c in speech) / 16000 + 0.3
-    rows, _ = generate_rows(module, [batch], "asr", {}, max_piece_seconds=limit)
+    rows, _ = generate_rows(module, [batch], "transcribe", {}, max_piece_seconds=limit)
     assert [r.no_speech for r in rows] == [False, True, False]
     assert rows[0].hypothesis == f"w{len(speech[0])}"  # a short clip goes whole
     assert rows[1].hypothesis == ""
     assert len(given) >= 1 + len(speech) and max(given) <= limit * 16000
     assert len(rows[2].hypothesis.split()) == len(given) - 1  # every piece's text, joined
-    assert score(rows, "asr", 0, ["transcribe"])["no_speech"] == 1
+    assert score(rows, "transcribe", 0, ["transcribe"])["no_speech"] == 1
     given.clear()  # VAD off: every clip whole, as before
-    rows, _ = generate_rows(module, [batch], "asr", {})
+    rows, _ = generate_rows(module, [batch], "transcribe", {})
     assert given == lens.tolist() and not any(r.no_speech for r in rows)
 
 
@@ -166,15 +164,15 @@ def test_eval_cli_compares_checkpoint_and_export(trained, tiny_dir, synth_data, 
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["models"]) == ["model", "export"]
     a, b = (report["models"][k]["tasks"] for k in ("model", "export"))
-    assert a["asr"]["utterances"] == 6 and a["translate_de"]["utterances"] == 6
+    assert a["transcribe"]["utterances"] == 6 and a["translate_de"]["utterances"] == 6
     assert (
-        a["asr"]["wer"] == b["asr"]["wer"]
+        a["transcribe"]["wer"] == b["transcribe"]["wer"]
         and a["translate_de"]["bleu"] == b["translate_de"]["bleu"]
     )
     assert a["translate_de"]["zero_shot"] is True  # the tiny run trained on transcription only
     assert "tok:13a" in a["translate_de"]["bleu_signature"]
     md = (tmp_path / "report.md").read_text()
-    assert "## Zero-shot directions" in md and "| model | asr WER | asr CER |" in md
+    assert "## Zero-shot directions" in md and "| model | transcribe WER | transcribe CER |" in md
     rows = (tmp_path / "model.tsv").read_text().splitlines()
     assert (
         rows[0].split("\t")[:5] == ["id", "task", "lang", "reference", "hypothesis"]
@@ -222,9 +220,9 @@ def test_eval_on_two_processes_writes_the_one_process_report(
         "trainer.devices=2",
         "trainer.accelerator=cpu",
     )
-    assert one[0]["asr"]["utterances"] == 6 == two[0]["asr"]["utterances"]
+    assert one[0]["transcribe"]["utterances"] == 6 == two[0]["transcribe"]["utterances"]
     assert one[1] == two[1]  # every row, in order
-    for task in ("asr", "translate_de"):
+    for task in ("transcribe", "translate_de"):
         assert {k: v for k, v in one[0][task].items()} == two[0][task]
 
 

@@ -3,9 +3,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sparqle.export import export, load_exported
-from sparqle.module import CheckpointMismatch
-from tests.test_module import _one_step, make_module, save_checkpoint
+from sparqle.checkpoints import (
+    CheckpointMismatch,
+    export,
+    load_exported,
+    trainable_names,
+)
+from tests.helpers import make_module, one_step, save_checkpoint
 
 
 def test_export_holds_trainable_weights_and_rebuilds_the_model(
@@ -13,21 +17,21 @@ def test_export_holds_trainable_weights_and_rebuilds_the_model(
 ):
 
     module = make_module(tiny_dir, synth_data, "stage=instruct")
-    _one_step(module, batch)
+    one_step(module, batch)
     save_checkpoint(module, tmp_path / "full.ckpt")
     info = export(tmp_path / "full.ckpt", tmp_path / "export")
     tensors = load_file(tmp_path / "export" / "adapter.safetensors")
-    assert set(tensors) == set(module.trainable_names()) and info["tensors"] == len(tensors)
+    assert set(tensors) == set(trainable_names(module)) and info["tensors"] == len(tensors)
     full_bytes = (tmp_path / "full.ckpt").stat().st_size
     assert info["bytes"] < full_bytes  # no optimizer state, no frozen tensors
 
     rebuilt = load_exported(tmp_path / "export").eval()
     module.eval()
-    for name in module.trainable_names():
+    for name in trainable_names(module):
         assert torch.equal(module.state_dict()[name], rebuilt.state_dict()[name])
     with torch.no_grad():
-        a = module.model.embed_speech(batch["audio"], batch["audio_lens"])[0]
-        b = rebuilt.model.embed_speech(batch["audio"], batch["audio_lens"])[0]
+        a = module.model.embed_speech(batch.audio, batch.audio_lens)[0]
+        b = rebuilt.model.embed_speech(batch.audio, batch.audio_lens)[0]
     torch.testing.assert_close(a, b)
 
     half = export(tmp_path / "full.ckpt", tmp_path / "bf16", dtype="bfloat16")
@@ -55,7 +59,7 @@ def test_checkpoints_and_exports_from_before_the_renames_still_load(trained, tmp
     import torch
     import yaml
 
-    from sparqle.evaluation import load_model
+    from sparqle.checkpoints import load_model
 
     ckpt = torch.load(trained / "model.ckpt", weights_only=False)
     ckpt["hyper_parameters"]["llm"]["gradient_checkpointing"] = False

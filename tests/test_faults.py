@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
-from sparqle.module import TrainingDiverged
+from sparqle.optim import TrainingDiverged
 from tests.conftest import ROOT
-from tests.test_module import make_cfg, make_module
+from tests.helpers import make_cfg, make_module
 
 
 def _train_cmd(tiny_dir, synth_data, run_dir, stage, *extra):
@@ -162,7 +162,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_dir, synth_data, tm
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data)
-    real = module._losses
+    real = module.model_step
     calls = {"n": 0}
 
     def flaky(batch):
@@ -181,7 +181,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_dir, synth_data, tm
         def on_train_batch_end(self, trainer, pl_module, *args):
             self.after.append(pl_module.model.adapter.proj.weight.detach().clone())
 
-    module._losses = flaky
+    module.model_step = flaky
     watch = Watch()
     trainer = L.Trainer(
         accelerator="cpu",

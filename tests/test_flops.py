@@ -1,13 +1,15 @@
 """The step's FLOP formulas against torch's FlopCounterMode on the tiny models (eager attention,
 so its matmuls are counted too)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparqle import flops
 from sparqle.data.manifest_datamodule import ManifestDataModule
-from tests.test_module import make_module
+from tests.helpers import make_module
 
 
 def _counted(fn) -> int:
@@ -80,21 +82,21 @@ def _module(tiny_dir, synth_data, stage):
 
 def test_stage_two_step_counts_encoder_once_adapter_thrice_llm_twice(tiny_dir, synth_data, clips):
     m = _module(tiny_dir, synth_data, "instruct")
-    step = m.on_before_batch_transfer(dict(clips))
+    step = m.on_before_batch_transfer(replace(clips))
     speech = {}
 
     def encode():
-        speech["enc"] = m.model.encode(step["audio"], step["audio_lens"])
+        speech["enc"] = m.model.encode(step.audio, step.audio_lens)
 
     encoder = _counted(encode)
     enc = speech["enc"]
     adapter = _counted(lambda: speech.update(out=m.model.adapter(enc.features, enc.mask)))
     inputs = m.model.llm.build_inputs(
-        *speech["out"], step["instruction"], step["target"], speech_lengths=step["speech_lengths"]
+        *speech["out"], step.instruction, step.target, speech_lengths=step.speech_lengths
     )
     llm = _counted(lambda: m.model.llm(inputs))
-    out = m._losses(step)
-    stats = m._batch_stats(step, out)
+    out = m.model_step(step)
+    stats = {"flops": flops.step_work(m.model, step.host_lengths, out)}
     # real lengths, not padding: the padded batch computes a little more than is counted
     expected = encoder + 3 * adapter + 2 * llm
     assert 0.8 * expected < stats["flops"] <= expected
@@ -102,16 +104,16 @@ def test_stage_two_step_counts_encoder_once_adapter_thrice_llm_twice(tiny_dir, s
 
 def test_stage_one_counts_every_pass_and_the_text(tiny_dir, synth_data, clips):
     m = _module(tiny_dir, synth_data, "pretrain")
-    step = m.on_before_batch_transfer(dict(clips))
-    enc = m.model.encode(step["audio"], step["audio_lens"])
-    n = len(step["id"])
+    step = m.on_before_batch_transfer(replace(clips))
+    enc = m.model.encode(step.audio, step.audio_lens)
+    n = len(step.id)
     same = torch.ones(n, enc.mask.shape[1], dtype=torch.bool)  # unpadded: counts compare exactly
     counted = _counted(
-        lambda: m.model.heads(m.model.adapter.qformer, enc.features, same, step["text"])
+        lambda: m.model.heads(m.model.adapter.qformer, enc.features, same, step.text)
     )
-    out = m._losses(step)
+    out = m.model_step(step)
     frames = [enc.mask.shape[1]] * n
-    ours = m._adapter_flops(frames, out["text_lengths"])
+    ours = m.model.adapter.flops(frames, m.model.encoder.hidden_size, out["text_lengths"])
     # heads' own small matmuls (projections, similarities, ITM head) are left out; the padded
     # text width is counted by FlopCounterMode, real lengths by us
     assert 0.85 * counted < ours <= 1.02 * counted

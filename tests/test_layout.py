@@ -7,9 +7,9 @@ from tests.conftest import ROOT
 
 # package -> what it must never import
 FORBIDDEN = {
-    "data_prep": ("sparqle.models", "sparqle.module", "demo"),
-    "sparqle/data": ("sparqle.models", "sparqle.module", "sparqle.evaluation", "demo"),
-    "sparqle/models": ("sparqle.data", "sparqle.module", "demo"),
+    "data_prep": ("sparqle.models", "sparqle.lit_module", "demo"),
+    "sparqle/data": ("sparqle.models", "sparqle.lit_module", "sparqle.evaluation", "demo"),
+    "sparqle/models": ("sparqle.data", "sparqle.lit_module", "demo"),
     "sparqle": ("demo", "data_prep"),
 }
 

@@ -3,7 +3,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from sparqle.memory_plan import StepShape, frozen_decoder_layer_bytes, parameter_bytes, plan
-from tests.test_module import make_module
+from tests.helpers import make_module
 
 
 def _saved_bytes(layer, params, tokens: int, hidden: int, rotary) -> int:

@@ -1,33 +1,13 @@
+from dataclasses import replace
 from unittest import mock
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from sparqle.config import module_kwargs
+from sparqle.checkpoints import CheckpointMismatch, checkpoint_names, trainable_names
 from sparqle.data.manifest_datamodule import ManifestDataModule
-from sparqle.module import CheckpointMismatch, SparQLeModule
-from tests.conftest import ROOT
-from tests.helpers import HostReads
-
-
-def make_cfg(tiny_dir, synth_data, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "experiment=tiny",
-                f"paths.cache_dir={tiny_dir}",
-                f"data.train_manifest={synth_data / 'train.jsonl'}",
-                f"data.val_manifest={synth_data / 'val.jsonl'}",
-                "paths.output_dir=/tmp/unused",
-                *overrides,
-            ],
-        )
-
-
-def make_module(tiny_dir, synth_data, *overrides):
-    return SparQLeModule(**module_kwargs(make_cfg(tiny_dir, synth_data, *overrides)))
+from sparqle.lit_module import SparQLeModule
+from tests.helpers import HostReads, make_cfg, make_module, one_step, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +15,6 @@ def batch(synth_data):
     dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
-
-
-def save_checkpoint(module, path) -> None:
-    """A Lightning checkpoint of a module that has not been fitted."""
-    import lightning as L
-
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-
-
-def _one_step(module, batch):
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    loss = module._losses(batch)["loss"]
-    loss.backward()
-    opt.step()
 
 
 @pytest.mark.parametrize(
@@ -69,9 +29,9 @@ def test_a_step_changes_only_the_stage_trainable_weights(
 ):
     module = make_module(tiny_dir, synth_data, f"stage={stage}")
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainable = set(module.trainable_names())
+    trainable = set(trainable_names(module))
     assert trainable and all(k.startswith(trainable_prefixes) for k in trainable)
-    _one_step(module, batch)
+    one_step(module, batch)
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= trainable
@@ -94,12 +54,12 @@ def test_lora_adds_exactly_its_parameters(tiny_dir, synth_data):
         "stage=instruct",
         "llm.lora={r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}",
     )
-    extra = set(lora.trainable_names()) - {
+    extra = set(trainable_names(lora)) - {
         k.replace("model.llm.model.", "model.llm.model.base_model.model.")
-        for k in plain.trainable_names()
+        for k in trainable_names(plain)
     }
     assert extra and all("lora_" in k for k in extra)
-    assert len(lora.trainable_names()) == len(plain.trainable_names()) + len(extra)
+    assert len(trainable_names(lora)) == len(trainable_names(plain)) + len(extra)
 
 
 def test_checkpoint_holds_trainable_weights_and_restores_exactly(
@@ -107,16 +67,16 @@ def test_checkpoint_holds_trainable_weights_and_restores_exactly(
 ):
 
     module = make_module(tiny_dir, synth_data, "stage=instruct")
-    _one_step(module, batch)
+    one_step(module, batch)
     save_checkpoint(module, tmp_path / "m.ckpt")
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
     saved = set(ckpt["state_dict"])
-    assert set(module.trainable_names()) <= saved
+    assert set(trainable_names(module)) <= saved
     assert not any(k.startswith(("model.encoder.model.", "model.llm.model.")) for k in saved)
     assert all(k.startswith("model.adapter.") for k in saved)
     assert ckpt["hyper_parameters"]["llm"]["name_or_path"].startswith(str(tiny_dir))
     restored = SparQLeModule.load_from_checkpoint(tmp_path / "m.ckpt")
-    assert set(module.checkpoint_names()) == saved  # trained tensors; frozen ones are not saved
+    assert set(checkpoint_names(module)) == saved  # trained tensors; frozen ones are not saved
     for k in saved:
         assert torch.equal(module.state_dict()[k], restored.state_dict()[k]), k
 
@@ -131,7 +91,7 @@ def test_instruct_initialises_adapter_from_pretrain_checkpoint(
 ):
 
     pre = make_module(tiny_dir, synth_data, "stage=pretrain")
-    _one_step(pre, batch)
+    one_step(pre, batch)
     save_checkpoint(pre, tmp_path / "pre.ckpt")
     inst = make_module(
         tiny_dir, synth_data, "stage=instruct", f"stage.init_from={tmp_path / 'pre.ckpt'}"
@@ -165,7 +125,7 @@ def test_bf16_frozen_encoder_feeds_the_fp32_adapter(tiny_dir, synth_data, batch,
     # the demo's setting on CPUs with bf16 maths: half-cost encoding, full-precision training
     module = make_module(tiny_dir, synth_data, f"stage={stage}", "encoder.dtype=bfloat16")
     assert next(module.model.encoder.parameters()).dtype == torch.bfloat16
-    loss = module._losses(batch)["loss"]
+    loss = module.model_step(batch)["loss"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
 
@@ -188,7 +148,7 @@ def test_init_from_none_is_said_and_missing_one_warns_or_stops(tiny_dir, synth_d
         "stage.init_from=none",
     )
     check_init_from(said)  # `none` is an answer
-    SparQLeModule(**module_kwargs(said))  # and loads nothing
+    SparQLeModule.from_config(said)  # and loads nothing
     check_init_from(make_cfg(tiny_dir, synth_data, "stage=pretrain"))
     check_init_from(make_cfg(tiny_dir, synth_data, "stage=instruct", "adapter=linear"))
 
@@ -249,9 +209,9 @@ def test_fresh_cross_attention_learns_at_its_own_rate(tiny_dir, synth_data, batc
     fast = by_rate[max(by_rate)]
     assert fast and all("crossattention" in n for n in fast)
     assert not any("crossattention" in n for n in by_rate[min(by_rate)])
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(pre.trainable_names())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable_names(pre))
     # from a stage-1 checkpoint the cross-attention is trained already: one rate again
-    _one_step(pre, batch)
+    one_step(pre, batch)
     save_checkpoint(pre, tmp_path / "pre.ckpt")
     inst = make_module(
         tiny_dir,
@@ -296,7 +256,8 @@ def test_validation_leaves_every_generator_as_it_found_it(tiny_dir, synth_data, 
 def test_cuda_random_states_restore_on_another_device_count(monkeypatch, caplog, visible):
     """A run saved on 8 GPUs a rank resumes on an allocation with 2 (or 16): the devices both
     have get their states back, with one warning; no IndexError."""
-    from sparqle.module import _rng_state, _set_rng_state
+    from sparqle.checkpoints import rng_state as _rng_state
+    from sparqle.checkpoints import set_rng_state as _set_rng_state
 
     restored = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -319,12 +280,12 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_dir, synth_data, ba
     the batch moves, splicing is index arithmetic, masks go in as 4-D (transformers reads a 2-D
     one back to decide whether to skip it) and the skip decision stays on the device."""
     module = make_module(tiny_dir, synth_data, f"stage={stage}")
-    step = module.on_before_batch_transfer(dict(batch))
+    step = module.on_before_batch_transfer(replace(batch))
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as configure_optimizers makes it
     with HostReads() as counter:
-        out = module._losses(step)
+        out = module.model_step(step)
         bad = ~torch.isfinite(out["loss"].detach())
         module.skips.note(bad)
         out["loss"].backward()
@@ -349,7 +310,7 @@ def test_weight_decay_groups_and_temperature_clamp_follow_the_config(tiny_dir, s
     assert any(wd == 0.0 for wd, _ in ours) and any(wd > 0 for wd, _ in ours)
     module, fairseq = groups("stage.optim.no_decay=[]")
     assert all(wd == 0.05 for wd, _ in fairseq)
-    assert sum(n for _, n in fairseq) == len(module.trainable_names())
+    assert sum(n for _, n in fairseq) == len(trainable_names(module))
     module, _ = groups("stage.pretrain.temperature_clamp=null")
     with torch.no_grad():
         module.model.heads.temp.fill_(2.0)

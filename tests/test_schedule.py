@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparqle.schedule import build_scheduler, lr_factor
+from sparqle.optim import build_scheduler, lr_factor
 
 
 def test_schedules_after_warmup():

@@ -12,13 +12,12 @@ import pytest
 import torch
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerLayer
 
-from sparqle.config import module_kwargs
+from sparqle.lit_module import SparQLeModule
 from sparqle.models.blocks import block_classes
 from sparqle.models.tiny import save_llama, tiny_llm_tokenizer
-from sparqle.module import SparQLeModule
 from sparqle.strategies import cpu_has_native_bf16
 from tests.conftest import ROOT
-from tests.test_module import make_cfg, make_module
+from tests.helpers import make_cfg, make_module
 
 PAPER_DTYPES = ("encoder.dtype=bfloat16", "llm.dtype=bfloat16")
 LORA = "llm.lora={r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}"
@@ -122,7 +121,7 @@ def runs(tiny_dir, synth_data, wide_llm, tmp_path_factory):
 def _initial_adapter(tiny_dir, synth_data, wide_llm, *extra):
     cfg = make_cfg(tiny_dir, synth_data, "stage=instruct", f"llm.name_or_path={wide_llm}", *extra)
     L.seed_everything(cfg.seed)
-    return SparQLeModule(**module_kwargs(cfg))
+    return SparQLeModule.from_config(cfg)
 
 
 def _update_gap(init, a, b) -> float:
@@ -184,7 +183,7 @@ def test_sharded_checkpoint_holds_only_what_is_trained(
     assert n == len(ckpt["sparqle_trainable"]) and set(state["state"]) <= set(range(n))
     assert len(ckpt["rng"]) == 2  # one random state per rank
     # and it exports (adapter + LoRA) and loads back like any other run's
-    from sparqle.export import export, load_exported
+    from sparqle.checkpoints import export, load_exported
 
     export(runs["fsdp/paper"]["dir"] / "checkpoints" / "last.ckpt", tmp_path / "export")
     loaded = load_exported(tmp_path / "export").state_dict()

@@ -46,7 +46,7 @@ def test_tiny_run_finishes_and_writes_a_checkpoint(tiny_dir, synth_data, tmp_pat
     from sparqle.data.manifest import read_manifest
 
     durations = [u.duration for u in read_manifest(synth_data / "train.jsonl")]
-    lo, hi = ckpt["sparqle_clip_seconds"]
+    lo, hi = ckpt["trained_clip_seconds"]
     assert min(durations) - 0.01 <= lo <= hi <= max(durations) + 0.01
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss" in metrics

@@ -16,6 +16,7 @@ from sparqle.data.audio import AudioError, load_audio
 from sparqle.data.collate import collate
 from sparqle.data.manifest import Utterance, read_manifest
 from sparqle.data.tasks import TaskSampler
+from sparqle.distributed import rank_world
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,11 @@ class ManifestDataModule(L.LightningDataModule):
         seed: int = 0,
         min_seconds: float = 0.2,
         text_case: str | None = None,
+        global_batch_size: int | None = None,
     ) -> None:
         """`text_case`: lower lowercases every transcript and target, in training, validation and
-        evaluation alike (the references scored against too)."""
+        evaluation alike (the references scored against too). `global_batch_size`: read by
+        train.py, which sets `batch_size` and the accumulation from it (config.apply_global_batch)."""
         super().__init__()
         self.paths = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.sample_rate = sample_rate
@@ -150,11 +153,7 @@ class ManifestDataModule(L.LightningDataModule):
                 )
 
     def _rank_world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        from sparqle.distributed import world
-
-        return world()
+        return rank_world(self.trainer)
 
     def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(

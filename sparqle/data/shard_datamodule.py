@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import webdataset as wds
 
+from sparqle.data.batch import Batch
 from sparqle.data.bucketing import bucket_batches
 from sparqle.data.shard_stream import (
     Epoch,
@@ -33,70 +34,11 @@ from sparqle.data.shard_stream import (
     decode_batch,
     parse_samples,
 )
-from sparqle.data.shards import FEATURE_IDENTITY, index_urls, read_index
+from sparqle.data.shards import expand_urls, feature_record, total_seconds
 from sparqle.data.tasks import TaskSampler
+from sparqle.distributed import rank_world
 
 log = logging.getLogger(__name__)
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """An index .json, a brace pattern, a pipe: URL, or a list of those -> shard URLs."""
-    items = [urls] if isinstance(urls, str) else list(urls)
-    out: list[str] = []
-    for u in items:
-        out += index_urls(u) if u.endswith(".json") else list(wds.shardlists.expand_urls(u))
-    if not out:
-        raise ValueError(f"no shards in {urls!r}")
-    return out
-
-
-def total_seconds(urls: str | list[str]) -> float | None:
-    items = [urls] if isinstance(urls, str) else list(urls)
-    if not all(u.endswith(".json") for u in items):
-        return None
-    return sum(s["seconds"] for u in items for s in read_index(u)["shards"])
-
-
-def feature_record(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The `features` record of feature shards' indexes (None for audio shards), from
-    {config key: source}; every source must be of one kind and, for features, from one
-    encoder and layer."""
-    found: dict[str, dict[str, Any] | None] = {}
-    for name, src in sources.items():
-        urls = src["urls"] if isinstance(src["urls"], list | tuple) else [src["urls"]]
-        for u in urls:
-            if str(u).endswith(".json"):
-                found[f"{name}.urls={u}"] = read_index(u).get("features")
-    kinds = {k: v for k, v in found.items() if v is not None}
-    if not kinds:
-        return None
-    if len(kinds) < len(found):
-        audio = next(k for k, v in found.items() if v is None)
-        raise ValueError(f"{audio}: audio shards, while {next(iter(kinds))} holds features")
-    (first, ref), *rest = kinds.items()
-    for name, rec in rest:
-        if any(rec.get(k) != ref.get(k) for k in (*FEATURE_IDENTITY, "hidden_size")):
-            raise ValueError(
-                f"{name}: features of {describe_features(rec)}, but {first} holds "
-                f"{describe_features(ref)}"
-            )
-    return ref
-
-
-def data_features(data: Mapping[str, Any]) -> dict[str, Any] | None:
-    """feature_record of a `data=` config (None for data modules other than shards)."""
-    if not str(data.get("_target_", "")).endswith("ShardDataModule"):
-        return None
-    named = {f"data.train.{k}": v for k, v in (data.get("train") or {}).items() if v}
-    named |= {f"data.{k}": data[k] for k in ("val", "test") if data.get(k)}
-    return feature_record(named)
-
-
-def describe_features(record: dict[str, Any]) -> str:
-    window = record.get("whisper_window_seconds")
-    return f"encoder {record.get('encoder')} layer {record.get('layer')}" + (
-        f" (window {window} s)" if window else ""
-    )
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -128,9 +70,11 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         pool_mb: float | str | None = "auto",
         text_case: str | None = None,
+        global_batch_size: int | None = None,
     ) -> None:
         """`text_case`: lower lowercases every transcript and target, in training, validation and
-        evaluation alike (the references scored against too)."""
+        evaluation alike (the references scored against too). `global_batch_size`: read by
+        train.py, which sets `batch_size` and the accumulation from it (config.apply_global_batch)."""
         super().__init__()
         if token_overhead is None:  # train.py measures it from the LLM's prompt
             if max_tokens is not None:
@@ -174,11 +118,7 @@ class ShardDataModule(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         """Taken in the main process and passed into the pipeline: a worker started by spawn or
         forkserver has no process group of its own to ask."""
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        from sparqle.distributed import world
-
-        return world()
+        return rank_world(self.trainer)
 
     def _streams_resampled(self) -> bool:
         rank, size = self._rank_world()
@@ -212,7 +152,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _batches(
         self, counter: SkipCounter, bucket: dict[str, Any], sources: Mapping[str, Mapping[str, Any]]
-    ) -> Callable[[Iterable], Iterator[dict[str, Any]]]:
+    ) -> Callable[[Iterable], Iterator[Batch]]:
         """Evaluation: candidates -> bucketed batches -> this rank's share -> decoded, collated.
         The bucket's bounds are per rank: a batch is formed for all ranks at once (`world` times
         the clips, seconds and tokens) and item i goes to rank i % world, so each rank decodes as

@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 
 from sparqle.data.audio import AudioError, load_audio
+from sparqle.data.batch import Batch
 from sparqle.data.bucketing import bucket_batches
 from sparqle.data.collate import collate
 from sparqle.data.shards import FEATURES, decode_features, metadata_to_utterance
@@ -160,7 +161,7 @@ def decode_batch(
 
 def batches_with_counts(
     batches: Iterable[tuple[Any, list[dict]]], counter: SkipCounter
-) -> Iterator[tuple[Any, dict[str, Any]]]:
+) -> Iterator[tuple[Any, Batch]]:
     """(tag, samples) -> (tag, collated batch), attaching the skips seen so far; one batch is
     held back so that skips counted after the last one still ride on it."""
     held = None
@@ -172,10 +173,10 @@ def batches_with_counts(
         yield held[0], _finish(held[1], counter)
 
 
-def _finish(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
+def _finish(samples: list[dict], counter: SkipCounter) -> Batch:
     batch = collate(samples)
-    batch["skipped"] = counter.pop()
-    batch["num_skipped"] = sum(batch["skipped"].values())
+    batch.skipped = counter.pop()
+    batch.num_skipped = sum(batch.skipped.values())
     return batch
 
 
@@ -272,15 +273,16 @@ class PositionLog:
     was, so the position can be cut at the number of batches the loop actually consumed
     (Lightning fetches one ahead)."""
 
-    def __init__(self, loader: Iterable[dict[str, Any]], workers: int) -> None:
+    def __init__(self, loader: Iterable[Batch], workers: int) -> None:
         self.loader, self.workers = loader, max(1, workers)
         self.delivered: list[tuple[int, int]] = []
         self.start = StreamPosition(0, 1, self.workers)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         self.delivered = []
         for batch in self.loader:
-            self.delivered.append(tuple(batch.pop("stream")))
+            self.delivered.append(batch.stream)
+            batch.stream = None
             yield batch
 
     def position(self, epoch: int, world: int, processed: int) -> StreamPosition:
@@ -355,7 +357,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         for url in order[worker::workers]:
             yield {"url": url}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         physical, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch = self.epoch.value
@@ -412,5 +414,5 @@ class TrainStream(torch.utils.data.IterableDataset):
             for index, b in batches
         )
         for index, batch in batches_with_counts(decoded, counter):
-            batch["stream"] = (worker, index)
+            batch.stream = (worker, index)
             yield batch

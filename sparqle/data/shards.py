@@ -12,10 +12,13 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import webdataset as wds
 
 from sparqle.data.manifest import Utterance
 
@@ -193,3 +196,63 @@ def stats_to_json(stats: ShardStats) -> str:
 
 def stats_from_json(text: str) -> ShardStats:
     return ShardStats(**json.loads(text))
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """An index .json, a brace pattern, a pipe: URL, or a list of those -> shard URLs."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for u in items:
+        out += index_urls(u) if u.endswith(".json") else list(wds.shardlists.expand_urls(u))
+    if not out:
+        raise ValueError(f"no shards in {urls!r}")
+    return out
+
+
+def total_seconds(urls: str | list[str]) -> float | None:
+    items = [urls] if isinstance(urls, str) else list(urls)
+    if not all(u.endswith(".json") for u in items):
+        return None
+    return sum(s["seconds"] for u in items for s in read_index(u)["shards"])
+
+
+def feature_record(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The `features` record of feature shards' indexes (None for audio shards), from
+    {config key: source}; every source must be of one kind and, for features, from one
+    encoder and layer."""
+    found: dict[str, dict[str, Any] | None] = {}
+    for name, src in sources.items():
+        urls = src["urls"] if isinstance(src["urls"], list | tuple) else [src["urls"]]
+        for u in urls:
+            if str(u).endswith(".json"):
+                found[f"{name}.urls={u}"] = read_index(u).get("features")
+    kinds = {k: v for k, v in found.items() if v is not None}
+    if not kinds:
+        return None
+    if len(kinds) < len(found):
+        audio = next(k for k, v in found.items() if v is None)
+        raise ValueError(f"{audio}: audio shards, while {next(iter(kinds))} holds features")
+    (first, ref), *rest = kinds.items()
+    for name, rec in rest:
+        if any(rec.get(k) != ref.get(k) for k in (*FEATURE_IDENTITY, "hidden_size")):
+            raise ValueError(
+                f"{name}: features of {describe_features(rec)}, but {first} holds "
+                f"{describe_features(ref)}"
+            )
+    return ref
+
+
+def data_features(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """feature_record of a `data=` config (None for data modules other than shards)."""
+    if not str(data.get("_target_", "")).endswith("ShardDataModule"):
+        return None
+    named = {f"data.train.{k}": v for k, v in (data.get("train") or {}).items() if v}
+    named |= {f"data.{k}": data[k] for k in ("val", "test") if data.get(k)}
+    return feature_record(named)
+
+
+def describe_features(record: dict[str, Any]) -> str:
+    window = record.get("whisper_window_seconds")
+    return f"encoder {record.get('encoder')} layer {record.get('layer')}" + (
+        f" (window {window} s)" if window else ""
+    )

@@ -1,7 +1,9 @@
 """Modality adapters: speech features (B, T, D) + mask -> LLM-sized embeddings (B, N, H) + mask.
 
 Every adapter is built as `Adapter(encoder_dim, llm_dim, frame_rate, **options)` so configs can
-swap them freely; `frame_rate` (encoder frames per second) matters only to time-based ones.
+swap them freely; `frame_rate` (encoder frames per second) matters only to time-based ones. Each
+says how many LLM positions it gives a clip (`output_lengths`) and what one forward costs
+(`flops`, from sparqle/flops.py), so throughput and MFU need not know what is inside.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparqle import flops
 from sparqle.models.qformer import SpeechQFormer
 
 
@@ -23,6 +26,25 @@ class QFormerAdapter(nn.Module):
         super().__init__()
         self.qformer = SpeechQFormer(encoder_dim, **qformer_kwargs)
         self.proj = nn.Linear(self.qformer.hidden_size, llm_dim)
+
+    def flops(
+        self, frames: list[int], encoder_dim: int, text_lengths: list[int] | None = None
+    ) -> float:
+        """One forward's FLOPs (sparqle/flops.py) for clips of `frames` encoder frames. Stage 2:
+        the queries, then the projection into the LLM. Stage 1 (`text_lengths`): ITC (queries;
+        text alone), ITM (3 pairs each), ITG (queries + text, LM head)."""
+        cfg, nq, h = self.qformer.config, self.qformer.num_queries, self.qformer.hidden_size
+        if text_lengths is None:
+            proj = 2 * nq * h * self.proj.out_features
+            return sum(flops.qformer_pass(cfg, nq, 0, f, encoder_dim) + proj for f in frames)
+        vocab = self.qformer.embeddings.word_embeddings.weight.shape[0]
+        return sum(
+            flops.qformer_pass(cfg, nq, 0, f, encoder_dim)
+            + flops.qformer_pass(cfg, 0, t, 0, encoder_dim)
+            + 4 * flops.qformer_pass(cfg, nq, t, f, encoder_dim)
+            + 2 * t * h * (h + vocab)
+            for f, t in zip(frames, text_lengths, strict=True)
+        )
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor
@@ -59,6 +81,18 @@ class WindowQFormerAdapter(nn.Module):
         self.stride = max(1, round((stride_seconds or window_seconds) * frame_rate))
         self.qformer = SpeechQFormer(encoder_dim, num_queries=num_queries, **qformer_kwargs)
         self.proj = nn.Linear(self.qformer.hidden_size, llm_dim)
+
+    def flops(
+        self, frames: list[int], encoder_dim: int, text_lengths: list[int] | None = None
+    ) -> float:
+        """One Q-Former pass and projection per window that holds audio."""
+        cfg, nq, h = self.qformer.config, self.qformer.num_queries, self.qformer.hidden_size
+        per = (
+            flops.qformer_pass(cfg, nq, 0, self.window, encoder_dim)
+            + 2 * nq * h * self.proj.out_features
+        )
+        windows = self.output_lengths(torch.tensor(frames)).div(nq).long().tolist()
+        return sum(w * per for w in windows)
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor
@@ -109,6 +143,16 @@ class LinearAdapter(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden_dim, llm_dim),
         )
+
+    def flops(
+        self, frames: list[int], encoder_dim: int, text_lengths: list[int] | None = None
+    ) -> float:
+        """The k-frame stacks through the 2-layer MLP."""
+        first, second = self.mlp[0], self.mlp[2]
+        per = 2 * (
+            first.in_features * first.out_features + second.in_features * second.out_features
+        )
+        return sum(per * -(-f // self.k) for f in frames)
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor

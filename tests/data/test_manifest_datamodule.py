@@ -17,12 +17,12 @@ def test_batches_decode_and_skip_unreadable_clips(synth_data, tmp_path):
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["num_skipped"] == 2
-    assert sorted(batch["id"]) == sorted(r["id"] for r in good)
-    assert batch["audio"].shape[0] == 5 and batch["audio"].dtype.is_floating_point
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        assert batch["audio"][i, n:].abs().sum() == 0 and batch["audio"][i, :n].abs().sum() > 0
-    assert batch["target"] == batch["text"]
+    assert batch.num_skipped == 2
+    assert sorted(batch.id) == sorted(r["id"] for r in good)
+    assert batch.audio.shape[0] == 5 and batch.audio.dtype.is_floating_point
+    for i, n in enumerate(batch.audio_lens.tolist()):
+        assert batch.audio[i, n:].abs().sum() == 0 and batch.audio[i, :n].abs().sum() > 0
+    assert batch.target == batch.text
 
 
 def test_clips_outside_the_seconds_range_are_skipped_and_counted(synth_data, tmp_path):
@@ -38,4 +38,4 @@ def test_clips_outside_the_seconds_range_are_skipped_and_counted(synth_data, tmp
     dm = ManifestDataModule(train_manifest=str(tmp_path / "m.jsonl"), batch_size=8, min_seconds=1.0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["num_skipped"] == 1 and "blip" not in batch["id"] and len(batch["id"]) == 3
+    assert batch.num_skipped == 1 and "blip" not in batch.id and len(batch.id) == 3

@@ -31,7 +31,7 @@ def _module(urls, workers, rank, world):
 
 
 def _epoch(dm):
-    return [tuple(b["id"]) for b in dm.train_dataloader()]
+    return [tuple(b.id) for b in dm.train_dataloader()]
 
 
 @pytest.mark.parametrize("kind", ["audio", "features"])

@@ -23,7 +23,7 @@ def shards(synth_data, tmp_path_factory) -> Path:
 
 
 def _ids(loader):
-    return [i for b in loader for i in b["id"]]
+    return [i for b in loader for i in b.id]
 
 
 def test_shards_round_trip(synth_data, shards):
@@ -152,7 +152,7 @@ def test_evaluation_shares_every_clip_once_over_ranks_in_equal_steps(shards):
         dm = ShardDataModule(
             val={"urls": str(shards / "train.json")}, num_workers=2, max_seconds_per_batch=20
         )
-        ranks.append([b["id"] for b in _as_rank(dm, rank, 2).val_dataloader()])
+        ranks.append([b.id for b in _as_rank(dm, rank, 2).val_dataloader()])
     assert len(ranks[0]) == len(ranks[1]) > 1
     seen = [i for r in ranks for b in r for i in b]
     assert len(seen) == 24 and len(set(seen)) == 24
@@ -165,7 +165,7 @@ def test_evaluation_shares_every_clip_once_over_ranks_in_equal_steps(shards):
         batch_size=128,
     )
     joint = [sorted(a + b) for a, b in zip(*ranks, strict=True)]
-    assert joint == [sorted(b["id"]) for b in one.val_dataloader()]
+    assert joint == [sorted(b.id) for b in one.val_dataloader()]
 
 
 def test_training_on_several_ranks_streams_equal_epochs(shards, caplog):
@@ -189,7 +189,7 @@ def test_resampled_mode_runs_the_indexed_epoch(shards):
     )
     batches = list(dm.train_dataloader())
     assert len(batches) == dm.batches_per_worker() > 1
-    assert all(b["audio"].shape[0] * b["audio"].shape[1] <= 10.0 * 16000 for b in batches)
+    assert all(b.audio.shape[0] * b.audio.shape[1] <= 10.0 * 16000 for b in batches)
 
 
 @pytest.mark.parametrize("resampled, persistent", [(False, True), (True, True), (False, False)])
@@ -265,7 +265,7 @@ def test_sources_mix_by_weight_and_tasks(shards):
         max_seconds_per_batch=8.0,
     )
     dm.batches_per_worker = lambda: 60
-    tasks = [t for b in dm.train_dataloader() for t in b["task"]]
+    tasks = [t for b in dm.train_dataloader() for t in b.task]
     share = tasks.count("translate") / len(tasks)
     assert 0.6 < share < 0.9
 
@@ -314,10 +314,10 @@ def test_corrupt_inputs_are_counted_not_fatal(tmp_path, synth_data):
         max_seconds_per_batch=60,
     )
     batches = list(dm.train_dataloader())
-    ids = [i for b in batches for i in b["id"]]
+    ids = [i for b in batches for i in b.id]
     skipped = {}
     for b in batches:
-        for k, v in b["skipped"].items():
+        for k, v in b.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
     assert {"u0", "u4"} <= set(ids) and not {"u1", "u2", "u3"} & set(ids)
     assert {"u10", "u11"} <= set(ids)  # samples before the truncation point survive
@@ -328,7 +328,7 @@ def test_corrupt_inputs_are_counted_not_fatal(tmp_path, synth_data):
         and skipped["empty audio"] == 1
     )
     assert skipped["unreadable shard"] >= 2
-    assert sum(b["num_skipped"] for b in batches) == sum(skipped.values())
+    assert sum(b.num_skipped for b in batches) == sum(skipped.values())
 
 
 def test_pipe_urls_stream_through_a_command(shards):

@@ -89,5 +89,5 @@ def test_text_case_lower_reaches_transcripts_targets_and_references(synth_data):
         next(iter(dm.val_dataloader())),
         next(iter(dm.eval_dataloader("translate_de", batch_size=4))),
     ):
-        texts = batch["target"] + batch["text"]
+        texts = batch.target + batch.text
         assert texts and all(t == t.lower() for t in texts) and any(t[0].isalpha() for t in texts)

@@ -155,11 +155,11 @@ def test_bad_feature_shards_are_skipped_and_counted_not_fatal(features, tmp_path
     )
     seen, skipped = [], {}
     for b in dm.train_dataloader():
-        seen += b["id"]
-        assert b["features"].shape[-1] == index["features"]["hidden_size"]
-        assert torch.isfinite(b["features"]).all()
-        assert b["feature_lens"].max() == b["features"].shape[1]
-        for k, n in b["skipped"].items():
+        seen += b.id
+        assert b.features.shape[-1] == index["features"]["hidden_size"]
+        assert torch.isfinite(b.features).all()
+        assert b.feature_lens.max() == b.features.shape[1]
+        for k, n in b.skipped.items():
             skipped[k] = skipped.get(k, 0) + n
     # the cut shard may end in a partial member: bad features too, or just the tar error
     assert skipped["NaN features"] == 1 and skipped["bad features"] in (1, 2)
@@ -175,7 +175,7 @@ def test_bad_feature_shards_are_skipped_and_counted_not_fatal(features, tmp_path
 def test_mixing_audio_and_feature_shards_or_two_encoders_is_refused(
     audio_shards, features, tmp_path
 ):
-    from sparqle.data.shard_datamodule import data_features, feature_record
+    from sparqle.data.shards import data_features, feature_record
 
     data = {
         "_target_": "sparqle.data.shard_datamodule.ShardDataModule",

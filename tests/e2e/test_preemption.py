@@ -127,9 +127,10 @@ def test_submitit_usr2_on_rank_0_only_requeues_and_the_job_resumes(
 
 @pytest.mark.slow
 def test_a_rank_whose_peer_is_stuck_gives_up_with_one_line(tiny_dir, synth_data, tmp_path):
-    """Rank 1 freezes (SIGSTOP: its sockets open, nothing answered), then rank 0 is told to stop:
-    its next collective never completes, and after `timeout_s` it says so in one line and exits
-    instead of waiting forever. (A peer that dies outright closes its sockets, and gloo's
+    """Rank 1 freezes (SIGSTOP: its sockets open, nothing answered); rank 0, already waiting in a
+    collective that never completes, is told to stop: after `timeout_s` it says so in one line and
+    exits instead of waiting forever (the signal reaches a thread of its own through the wakeup fd,
+    since the main thread never returns to Python). (A peer that dies outright closes its sockets, and gloo's
     collective fails at once.)"""
     bin_dir, logs, job = fake_slurm_bin(tmp_path / "bin"), tmp_path / "logs", "7003"
     cmd = _train(_overrides(tiny_dir, synth_data, logs, "callbacks.stop_on_signal.timeout_s=8"))
@@ -137,6 +138,7 @@ def test_a_rank_whose_peer_is_stuck_gives_up_with_one_line(tiny_dir, synth_data,
     wait_for(logs / "tiny/runs/slurm-7003/csv", procs)
     time.sleep(1.0)
     procs[1].send_signal(signal.SIGSTOP)
+    time.sleep(2.0)  # rank 0 is now inside a collective: its Python handler cannot run
     procs[0].send_signal(signal.SIGTERM)
     start = time.time()
     codes = wait_all(procs[:1], 40)

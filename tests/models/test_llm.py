@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -126,7 +128,7 @@ def test_token_overhead_is_the_longest_prompt_plus_the_queries(tiny_dir, synth_d
     """The bucketing token budget's per-utterance overhead equals the longest prompt a training
     batch really builds (template, instruction, the Q-Former's speech positions)."""
     from sparqle.prompts import INSTRUCTIONS
-    from tests.test_module import make_module
+    from tests.helpers import make_module
 
     module = make_module(tiny_dir, synth_data, "stage=instruct")
     llm, nq = module.model.llm, module.model.adapter.qformer.num_queries
@@ -148,7 +150,7 @@ def test_checkpointing_keeps_a_fraction_of_the_frozen_llms_activations(tiny_dir,
     nothing; llm.activation_checkpointing recomputes its layers anyway: >= 3x fewer elements kept
     for backward inside the LLM, the same loss and the same adapter gradients."""
     from sparqle.data.manifest_datamodule import ManifestDataModule
-    from tests.test_module import make_module
+    from tests.helpers import make_module
 
     dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
     dm.setup("fit")
@@ -159,11 +161,11 @@ def test_checkpointing_keeps_a_fraction_of_the_frozen_llms_activations(tiny_dir,
         module = make_module(
             tiny_dir, synth_data, "stage=instruct", f"llm.activation_checkpointing={on}"
         )
-        step = module.on_before_batch_transfer(dict(batch))
+        step = module.on_before_batch_transfer(replace(batch))
         module.train()
-        speech, mask = module.model.embed_speech(step["audio"], step["audio_lens"])
+        speech, mask = module.model.embed_speech(step.audio, step.audio_lens)
         inputs = module.model.llm.build_inputs(
-            speech, mask, step["instruction"], step["target"], speech_lengths=step["speech_lengths"]
+            speech, mask, step.instruction, step.target, speech_lengths=step.speech_lengths
         )
         weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
         saved: dict[int, int] = {}
