@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system-deps test lint demo demo-smollm2 clean
+.PHONY: setup system-deps test test-fast lint demo demo-smollm2 clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ system-deps:
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# everything but the tests marked slow (whole runs, several ranks, the short demo): ~3 min
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sparqle.checkpoints import fingerprint, load_model  # noqa: E402
 from sparqle.cli import report_user_errors  # noqa: E402
-from sparqle.config import ConfigError, register_resolvers, validate_config  # noqa: E402
+from sparqle.config import register_resolvers  # noqa: E402
+from sparqle.config_check import ConfigError, validate_config  # noqa: E402
 from sparqle.distributed import gather_objects  # noqa: E402
 from sparqle.evaluation import (  # noqa: E402
     BatchGenerator,

@@ -15,13 +15,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException  # n
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sparqle.cli import USER_ERRORS, report_user_errors  # noqa: E402
-from sparqle.config import (  # noqa: E402
-    apply_global_batch,
+from sparqle.config import apply_global_batch, register_resolvers  # noqa: E402
+from sparqle.config_check import (  # noqa: E402
     check_devices,
     check_features,
     check_files,
     check_init_from,
-    register_resolvers,
     validate_config,
 )
 from sparqle.lifecycle import StopOnSignal, resolve_resume, wandb_run_id  # noqa: E402

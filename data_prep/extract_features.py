@@ -51,7 +51,8 @@ def build_encoder(overrides: list[str]) -> tuple[SpeechEncoder, dict[str, Any]]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sparqle.config import register_resolvers, validate_group
+    from sparqle.config import register_resolvers
+    from sparqle.config_check import validate_group
     from sparqle.models.loading import describe, quiet_loading
 
     register_resolvers()

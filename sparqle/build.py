@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from sparqle.config_check import STAGES
 from sparqle.models.adapters import QFormerAdapter
 from sparqle.models.encoder import PrecomputedFeatures
 from sparqle.models.loading import describe, quiet_loading
@@ -23,8 +24,6 @@ from sparqle.models.pretrain import SpeechTextPretrainer
 from sparqle.models.sparqle import SparQLe
 
 log = logging.getLogger(__name__)
-
-STAGES = ("pretrain", "instruct")
 
 
 def build_model(

@@ -29,8 +29,16 @@ def report_user_errors(
     fn: Callable[..., Any], *args: Any, errors: tuple[type[BaseException], ...] = USER_ERRORS
 ) -> Any:
     """Run an entry point; a user error ends it with `error: ...` on one line and exit code 2."""
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         return fn(*args)
+    except MissingMandatoryValue as exc:  # a `???` the command line did not fill
+        if verbose():
+            raise
+        key = getattr(exc, "full_key", None) or "a value"
+        print(f"error: {key}: missing (give {key}=...)", file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
     except errors as exc:
         if verbose():
             raise

@@ -40,6 +40,7 @@ def test_each_command_reports_a_user_error_in_one_line(broken_manifest, tmp_path
         ),
         (["-m", "sparqle.transcribe", "--ckpt", str(tmp_path / "no.ckpt"), "x.wav"], "no.ckpt"),
         ([str(ROOT / "eval.py"), f"ckpt={tmp_path / 'no.ckpt'}"], "ckpt="),
+        ([str(ROOT / "eval.py")], "ckpt: missing (give ckpt=...)"),  # its one mandatory value
     ]
     for argv, named in cases:
         proc = run(*argv)

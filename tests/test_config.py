@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sparqle.cli import report_user_errors
-from sparqle.config import ConfigError, check_files, validate_config
+from sparqle.config_check import ConfigError, check_files, validate_config
 from tests.conftest import ROOT
 
 BAD = [
@@ -41,6 +41,11 @@ BAD = [
         "stage=pretrain stage.pretrain.query_spread_target=0",
         "stage.pretrain.query_spread_target=0: expected a number > 0",
     ),
+    (
+        "stage=pretrain stage.pretrain.query_spread_weight=-1",
+        "stage.pretrain.query_spread_weight=-1: expected a number >= 0",
+    ),
+    ("trainer.precision=16-mixed", "trainer.precision='16-mixed': expected one of 32-true, bf16"),
     (
         "adapter=linear +adapter.num_queries=32",
         "adapter.num_queries: not a setting of adapter=LinearAdapter (it takes downsample, hidden_dim)",

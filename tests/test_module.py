@@ -131,7 +131,7 @@ def test_bf16_frozen_encoder_feeds_the_fp32_adapter(tiny_dir, synth_data, batch,
 
 
 def test_init_from_none_is_said_and_missing_one_warns_or_stops(tiny_dir, synth_data, caplog):
-    from sparqle.config import check_init_from
+    from sparqle.config_check import check_init_from
 
     cfg = make_cfg(tiny_dir, synth_data, "stage=instruct")
     with caplog.at_level("WARNING", logger="sparqle.train"):

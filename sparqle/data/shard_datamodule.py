@@ -24,16 +24,13 @@ import webdataset as wds
 
 from sparqle.data.batch import Batch
 from sparqle.data.bucketing import bucket_batches
-from sparqle.data.shard_stream import (
-    Epoch,
-    PositionLog,
+from sparqle.data.shard_samples import (
     SkipCounter,
-    StreamPosition,
-    TrainStream,
     batches_with_counts,
     decode_batch,
     parse_samples,
 )
+from sparqle.data.shard_stream import Epoch, PositionLog, StreamPosition, TrainStream
 from sparqle.data.shards import expand_urls, feature_record, total_seconds
 from sparqle.data.tasks import TaskSampler
 from sparqle.distributed import rank_world

@@ -64,18 +64,11 @@ class SpeechTextPretrainer(nn.Module):
         GPU receives stays that of one node however many nodes train). ITC's negatives are the
         whole gathered batch either way (its projections are small). `temperature_clamp`: the
         range BLIP (1) keeps its contrastive temperature in after each step; BLIP-2 and the
-        SparQLe authors' stage 1 have none (null)."""
+        SparQLe authors' stage 1 have none (null). The values' ranges are checked with the rest
+        of the config (sparqle/config_check.py), before anything is built."""
         super().__init__()
-        if itm_negatives not in ("all", "node"):
-            raise ValueError(
-                f"stage.pretrain.itm_negatives={itm_negatives!r}: expected all or node"
-            )
         self.itm_negatives = itm_negatives
         self.temperature_clamp = tuple(temperature_clamp) if temperature_clamp else None
-        if query_spread_weight < 0 or query_spread_target <= 0:
-            raise ValueError(
-                "stage.pretrain.query_spread_weight must be >= 0 and query_spread_target > 0"
-            )
         self.query_spread_weight = query_spread_weight
         self.query_spread_target = query_spread_target
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)

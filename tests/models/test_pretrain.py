@@ -1,4 +1,3 @@
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -118,9 +117,3 @@ def test_query_spread_sees_collapse_and_its_hinge_keeps_queries_apart(tiny):
             opt.step()
         spread[weight] = heads(qf, features, mask, texts)["query_spread"].item()
     assert spread[1.0] >= 0.5 and spread[1.0] > 2 * spread[0.0], spread  # at its target
-
-
-def test_query_spread_options_checked(tiny):
-    qf = SpeechQFormer(32, num_queries=4, bert=tiny["bert"])
-    with pytest.raises(ValueError, match="query_spread_weight"):
-        SpeechTextPretrainer(qf, tiny["bert"], query_spread_weight=-1.0)
