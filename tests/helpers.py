@@ -99,6 +99,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int) -> list[str]:
+    """`torchrun --nproc-per-node N` on a port of its own, so runs side by side (pytest -n) never
+    meet on torchrun's default 29500."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] + [
+        "--master-port",
+        str(free_port()),
+    ]
+
+
 def fake_slurm_bin(folder: Path) -> Path:
     """A folder with an `scontrol` that records its arguments in folder/scontrol.log."""
     folder.mkdir(parents=True, exist_ok=True)

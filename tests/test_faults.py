@@ -39,23 +39,45 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, synth_data, tmp_path, stage):
-    steps = ["trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=4"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    ref = subprocess.run(
-        _train_cmd(tiny_dir, synth_data, tmp_path / "ref", stage, *steps),
-        env=env,
+STEPS = ["trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=4"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, synth_data, tmp_path_factory):
+    """One 16-step stage-1 run, checkpointed every 4 steps: what every resume must equal.
+    Stage 1 has the most random state to restore (ITM negatives, dropout, the loader's order);
+    stage 2's resume is checked under FSDP in test_strategies."""
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run(
+        _train_cmd(tiny_dir, synth_data, ref, "pretrain", *STEPS),
+        env=ENV,
         capture_output=True,
         text=True,
     )
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    return ref / "checkpoints"
 
+
+def _same_weights(ref_ckpt, ckpt, resumed_from):
+    a = torch.load(ref_ckpt, weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    different = [
+        k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])
+    ]
+    assert not different, f"{len(different)} tensors differ after resume from step {resumed_from}"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(
+    uninterrupted, tiny_dir, synth_data, tmp_path
+):
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _train_cmd(tiny_dir, synth_data, run, stage, *steps),
-        env=env,
+        _train_cmd(tiny_dir, synth_data, run, "pretrain", *STEPS),
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -72,88 +94,44 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, synth_data, tmp
             tiny_dir,
             synth_data,
             run,
-            stage,
-            *steps,
+            "pretrain",
+            *STEPS,
             f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
         ),
-        env=env,
+        env=ENV,
         capture_output=True,
         text=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 16
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (
-            f"{k} differs after resume from step {killed_at}"
-        )
+    _same_weights(uninterrupted / "last.ckpt", run / "checkpoints" / "last.ckpt", killed_at)
 
 
 @pytest.mark.slow
-def test_resume_at_an_epoch_boundary_matches_uninterrupted_run(tiny_dir, synth_data, tmp_path):
+def test_resume_at_an_epoch_boundary_matches_uninterrupted_run(
+    uninterrupted, tiny_dir, synth_data, tmp_path
+):
     """Where a kill lands is chance; this resumes from the checkpoint written on an epoch's last
     batch (the next epoch's loader is made before the random streams are restored; resuming there
     came out one draw off, stage 1's ITM negatives with it). Mid-epoch resumes: the test above."""
-    steps = ["trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=4"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    ref = tmp_path / "ref"
-    done = subprocess.run(
-        _train_cmd(tiny_dir, synth_data, ref, "pretrain", *steps),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    final = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     at_epoch_end = [
         step
         for step in (4, 8, 12)
-        if torch.load(ref / "checkpoints" / f"step{step:07d}.ckpt", weights_only=False)["loops"][
+        if torch.load(uninterrupted / f"step{step:07d}.ckpt", weights_only=False)["loops"][
             "fit_loop"
         ]["epoch_loop.batch_progress"]["is_last_batch"]
     ]
     assert at_epoch_end, "no checkpoint on an epoch's last batch: the data changed size"
     for step in at_epoch_end:
         run = tmp_path / f"from{step}"
-        ckpt = ref / "checkpoints" / f"step{step:07d}.ckpt"
+        ckpt = uninterrupted / f"step{step:07d}.ckpt"
         resumed = subprocess.run(
-            _train_cmd(tiny_dir, synth_data, run, "pretrain", *steps, f"ckpt_path={ckpt}"),
-            env=env,
+            _train_cmd(tiny_dir, synth_data, run, "pretrain", *STEPS, f"ckpt_path={ckpt}"),
+            env=ENV,
             capture_output=True,
             text=True,
         )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-        different = [k for k in final if not torch.equal(final[k], state[k])]
-        assert not different, f"{len(different)} tensors differ after resume from step {step}"
-
-
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits(tiny_dir, synth_data, tmp_path):
-    run = tmp_path / "run"
-    cmd = _train_cmd(
-        tiny_dir,
-        synth_data,
-        run,
-        "instruct",
-        "trainer.max_steps=100000",
-        "callbacks.model_checkpoint.every_n_train_steps=100000",
-    )
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(run / "run_info.json", proc)
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] > 0 and ckpt["optimizer_states"]
+        _same_weights(uninterrupted / "last.ckpt", run / "checkpoints" / "last.ckpt", step)
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_dir, synth_data, tmp_path):

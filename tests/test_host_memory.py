@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,7 @@ def mid_llm(tiny, tmp_path_factory):
 
 def _node_mb(llm, dtype, out):
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-        + [str(ROOT / "tests" / "host_memory_check.py"), str(llm), dtype, str(out)],
+        torchrun(2) + [str(ROOT / "tests" / "host_memory_check.py"), str(llm), dtype, str(out)],
         check=True,
         capture_output=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},

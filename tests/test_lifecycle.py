@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparqle.lifecycle import AtomicCheckpointIO, resolve_resume, run_id, wandb_run_id
-from tests.helpers import ROOT, tiny_overrides
+from tests.helpers import ROOT, tiny_overrides, torchrun
 
 LAUNCHER_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID")
 
@@ -55,11 +55,7 @@ def test_torchrun_ranks_started_apart_name_the_run_alike(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
+            *torchrun(2),
             str(script),
             str(tmp_path / "id"),
         ],

@@ -17,7 +17,7 @@ from sparqle.models.blocks import block_classes
 from sparqle.models.tiny import save_llama, tiny_llm_tokenizer
 from sparqle.strategies import cpu_has_native_bf16
 from tests.conftest import ROOT
-from tests.helpers import make_cfg, make_module
+from tests.helpers import make_cfg, make_module, torchrun
 
 PAPER_DTYPES = ("encoder.dtype=bfloat16", "llm.dtype=bfloat16")
 LORA = "llm.lora={r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}"
@@ -234,7 +234,7 @@ def test_two_rank_checkpoint_resumes_on_one(runs, tmp_path, tiny_dir, synth_data
 
 def _torchrun(*args, timeout=180):
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args],
+        [*torchrun(2), *args],
         capture_output=True,
         text=True,
         timeout=timeout,  # a hang fails here instead of stalling the suite
@@ -320,7 +320,7 @@ def _validate(out, world, batches, tiny_dir, val_manifest, shards):
     if world == 1:
         launcher = [sys.executable]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
+        launcher = torchrun(world)
     proc = subprocess.run(
         [*launcher, *args],
         capture_output=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.helpers import ROOT, tiny_overrides
+from tests.helpers import ROOT, tiny_overrides, torchrun
 
 MAX_NEW_TOKENS = 16  # the tiny preset's generation.max_new_tokens, given to every path alike
 
@@ -88,11 +89,7 @@ def test_the_same_text_however_and_wherever_it_is_decoded(golden, synth_data, tm
     # two ranks, each its share of every batch of 7
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
+            *torchrun(2),
             str(ROOT / "eval.py"),
             f"ckpt={ckpt}",
             f"data.test_manifest={clips}",
@@ -111,6 +108,8 @@ def test_the_same_text_however_and_wherever_it_is_decoded(golden, synth_data, tm
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _tsv(tmp_path / "ranks" / "last.tsv") == one
+    scores = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("b7", "ranks")]
+    assert scores[0]["models"]["last"]["tasks"] == scores[1]["models"]["last"]["tasks"]
 
     # sparqle.transcribe on the audio files
     from sparqle.data.manifest import read_manifest

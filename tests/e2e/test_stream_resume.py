@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT, differing, trained_weights
+from tests.helpers import ROOT, differing, torchrun, trained_weights
 
 
 def _run(args, launcher=(), timeout=240):
@@ -92,5 +92,5 @@ def test_feature_shards_on_two_ranks_resume_mid_epoch_exactly(tiny_dir, tiny_fea
         "trainer.max_steps=6",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     )
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2")
+    launcher = tuple(torchrun(2))
     _resumes_exactly(common, tmp_path, cuts=(2,), launcher=launcher)
