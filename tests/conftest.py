@@ -47,6 +47,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def batch(synth_data):
+    """One training batch of 4 from the synthetic clips (a Batch, as collate makes it)."""
+    from sparqle.data.manifest_datamodule import ManifestDataModule
+
+    dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_dir, synth_data, tmp_path_factory) -> Path:
     """A tiny stage-2 model after one step, as a full checkpoint (model.ckpt) and an export."""
@@ -63,6 +73,30 @@ def trained(tiny_dir, synth_data, tmp_path_factory) -> Path:
     save_checkpoint(module, out / "model.ckpt")
     export(out / "model.ckpt", out / "export")
     return out
+
+
+# the uninterrupted run's settings: what a resumed run repeats to be compared with it
+UNINTERRUPTED = (
+    "stage=pretrain",
+    "trainer.max_steps=16",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "val_every_n_steps=6",
+)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_dir, synth_data, tmp_path_factory) -> Path:
+    """train.py's 16-step stage-1 run on the tiny preset, checkpointed every 4 steps (its run
+    directory): what every resume must equal, and what a finished run must hold. Stage 1 has the
+    most random state to restore (ITM negatives, dropout, the loader's order)."""
+    from tests.helpers import run_cli, tiny_overrides
+
+    run = tmp_path_factory.mktemp("uninterrupted")
+    done = run_cli(
+        "train.py", *tiny_overrides(tiny_dir, synth_data, *UNINTERRUPTED, f"hydra.run.dir={run}")
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -44,15 +44,6 @@ def test_export_holds_trainable_weights_and_rebuilds_the_model(
         load_exported(tmp_path / "export")
 
 
-@pytest.fixture(scope="module")
-def batch(synth_data):
-    from sparqle.data.manifest_datamodule import ManifestDataModule
-
-    dm = ManifestDataModule(train_manifest=str(synth_data / "train.jsonl"), batch_size=4)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
 def test_checkpoints_and_exports_from_before_the_renames_still_load(trained, tmp_path):
     """Written before 2026-12-01: llm.gradient_checkpointing (now activation_checkpointing) and
     val_decode_batches (now val_decode_clips) in their saved configs."""

@@ -11,23 +11,18 @@ import pytest
 import torch
 
 from sparqle.optim import TrainingDiverged
-from tests.conftest import ROOT
-from tests.helpers import make_cfg, make_module
+from tests.conftest import ROOT, UNINTERRUPTED
+from tests.helpers import make_cfg, make_module, tiny_overrides
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def _train_cmd(tiny_dir, synth_data, run_dir, stage, *extra):
+def _train_cmd(tiny_dir, synth_data, run_dir, *extra):
+    """train.py as the uninterrupted run was started, in `run_dir`."""
     return [
         sys.executable,
         str(ROOT / "train.py"),
-        "experiment=tiny",
-        f"stage={stage}",
-        f"paths.cache_dir={tiny_dir}",
-        f"data.train_manifest={synth_data / 'train.jsonl'}",
-        f"data.val_manifest={synth_data / 'val.jsonl'}",
-        f"hydra.run.dir={run_dir}",
-        "callbacks.progress_bar=null",
-        "val_every_n_steps=6",
-        *extra,
+        *tiny_overrides(tiny_dir, synth_data, *UNINTERRUPTED, f"hydra.run.dir={run_dir}", *extra),
     ]
 
 
@@ -37,26 +32,6 @@ def _wait_for(path, proc, timeout=120):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited"
         assert time.time() - start < timeout, f"{path} never appeared"
         time.sleep(0.05)
-
-
-STEPS = ["trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=4"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, synth_data, tmp_path_factory):
-    """One 16-step stage-1 run, checkpointed every 4 steps: what every resume must equal.
-    Stage 1 has the most random state to restore (ITM negatives, dropout, the loader's order);
-    stage 2's resume is checked under FSDP in test_strategies."""
-    ref = tmp_path_factory.mktemp("uninterrupted")
-    done = subprocess.run(
-        _train_cmd(tiny_dir, synth_data, ref, "pretrain", *STEPS),
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return ref / "checkpoints"
 
 
 def _same_weights(ref_ckpt, ckpt, resumed_from):
@@ -76,7 +51,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
 ):
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _train_cmd(tiny_dir, synth_data, run, "pretrain", *STEPS),
+        _train_cmd(tiny_dir, synth_data, run),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -94,8 +69,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
             tiny_dir,
             synth_data,
             run,
-            "pretrain",
-            *STEPS,
             f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
         ),
         env=ENV,
@@ -103,7 +76,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
         text=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _same_weights(uninterrupted / "last.ckpt", run / "checkpoints" / "last.ckpt", killed_at)
+    _same_weights(
+        uninterrupted / "checkpoints/last.ckpt", run / "checkpoints" / "last.ckpt", killed_at
+    )
 
 
 @pytest.mark.slow
@@ -116,22 +91,24 @@ def test_resume_at_an_epoch_boundary_matches_uninterrupted_run(
     at_epoch_end = [
         step
         for step in (4, 8, 12)
-        if torch.load(uninterrupted / f"step{step:07d}.ckpt", weights_only=False)["loops"][
-            "fit_loop"
-        ]["epoch_loop.batch_progress"]["is_last_batch"]
+        if torch.load(uninterrupted / "checkpoints" / f"step{step:07d}.ckpt", weights_only=False)[
+            "loops"
+        ]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]
     ]
     assert at_epoch_end, "no checkpoint on an epoch's last batch: the data changed size"
     for step in at_epoch_end:
         run = tmp_path / f"from{step}"
-        ckpt = uninterrupted / f"step{step:07d}.ckpt"
+        ckpt = uninterrupted / "checkpoints" / f"step{step:07d}.ckpt"
         resumed = subprocess.run(
-            _train_cmd(tiny_dir, synth_data, run, "pretrain", *STEPS, f"ckpt_path={ckpt}"),
+            _train_cmd(tiny_dir, synth_data, run, f"ckpt_path={ckpt}"),
             env=ENV,
             capture_output=True,
             text=True,
         )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        _same_weights(uninterrupted / "last.ckpt", run / "checkpoints" / "last.ckpt", step)
+        _same_weights(
+            uninterrupted / "checkpoints/last.ckpt", run / "checkpoints" / "last.ckpt", step
+        )
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_dir, synth_data, tmp_path):
