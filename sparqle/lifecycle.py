@@ -219,7 +219,6 @@ class StopOnSignal(L.Callback):
         self._watchdog: threading.Timer | None = None
         self._lock = threading.Lock()
         self._wakeup: tuple[int, int, int] | None = None
-        self._exit_code: int | None = None  # set once every rank agreed to stop
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -277,16 +276,6 @@ class StopOnSignal(L.Callback):
                 if signum in self.signals:
                     self._note(signum, None)
 
-    def _exit_now(self, signum: int, frame: Any) -> None:
-        log.warning(
-            "rank %s: %s while stopping; the checkpoint is saved, exiting with %d",
-            _rank(),
-            signal.Signals(signum).name,
-            self._exit_code,
-        )
-        logging.shutdown()
-        os._exit(self._exit_code)
-
     def _give_up(self, signum: int) -> None:
         log.error(
             "rank %s: %s received %.0f s ago and the ranks did not stop together "
@@ -337,7 +326,13 @@ class StopOnSignal(L.Callback):
         if requeue is not None:
             code = self._requeue(trainer, requeue, code)
         trainer.strategy.barrier("sparqle-stop")
-        self._exit_code = code
+        if threading.current_thread() is threading.main_thread():
+            # SLURM signals every task, not at one moment: a rank's own SIGTERM may land while it
+            # exits. Lightning calls no teardown after StopRun, and Python puts the default
+            # handler back while the interpreter finalises (the process died by the signal
+            # there, and torchrun and SLURM saw a crash); ignored, it exits with the agreed code.
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_IGN)
         raise StopRun(code)
 
     def _requeues(self, signum: int) -> bool:
@@ -378,9 +373,7 @@ class StopOnSignal(L.Callback):
             self._watchdog.cancel()
         if threading.current_thread() is threading.main_thread():
             for sig, handler in self.previous.items():
-                # stopping: a signal while the process winds down (SLURM signals every task, not
-                # at one moment) exits with the agreed code instead of killing it with another
-                signal.signal(sig, handler if self._exit_code is None else self._exit_now)
+                signal.signal(sig, handler)
             if self._wakeup is not None:
                 read, write, previous = self._wakeup
                 signal.set_wakeup_fd(previous)
