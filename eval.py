@@ -22,7 +22,7 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sparqle.checkpoints import fingerprint, load_model  # noqa: E402
+from sparqle.checkpoints import fingerprint  # noqa: E402
 from sparqle.cli import report_user_errors  # noqa: E402
 from sparqle.config import register_resolvers  # noqa: E402
 from sparqle.config_check import ConfigError, validate_config  # noqa: E402
@@ -35,6 +35,7 @@ from sparqle.evaluation import (  # noqa: E402
     write_report,
     write_rows,
 )
+from sparqle.export import load_model  # noqa: E402
 from sparqle.inference import piece_seconds  # noqa: E402
 from sparqle.models.llm import check_generation  # noqa: E402
 from sparqle.strategies import TrainableOnlyDDPStrategy  # noqa: E402

@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sparqle import metrics  # noqa: E402
-from sparqle.checkpoints import load_model  # noqa: E402
 from sparqle.data.audio import load_audio  # noqa: E402
 from sparqle.data.batch import Batch  # noqa: E402
 from sparqle.data.collate import collate  # noqa: E402
 from sparqle.data.manifest import read_manifest  # noqa: E402
 from sparqle.evaluation import generate_rows  # noqa: E402
+from sparqle.export import load_model  # noqa: E402
 from sparqle.inference import piece_seconds  # noqa: E402
 from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
 

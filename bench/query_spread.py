@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparqle.checkpoints import load_model  # noqa: E402
 from sparqle.data.shard_datamodule import ShardDataModule  # noqa: E402
+from sparqle.export import load_model  # noqa: E402
 from sparqle.lit_module import SparQLeModule  # noqa: E402
 from sparqle.models.pretrain import query_spread  # noqa: E402
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
-    from sparqle.checkpoints import load_model
+    from sparqle.export import load_model
 
     make_app(load_model(args.ckpt, "cuda" if torch.cuda.is_available() else "cpu")).launch(
         server_name=args.host, server_port=args.port

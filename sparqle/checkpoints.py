@@ -10,9 +10,9 @@ A training checkpoint (Lightning's file) holds:
   audio into pieces of at most the longest); older files name it `sparqle_clip_seconds`;
 - Lightning's own: optimizer, schedulers, loops, the DataModule's data position, hparams.
 
-An export (`export`, `load_exported`) holds the trained parameters in `adapter.safetensors` and the
-hparams (with `trained_clip_seconds`) in `config.yaml`. One check (`check_fits`) says whether a
-state fits a model, for resuming, for `stage.init_from` and for exports alike.
+An export (sparqle/export.py) holds the trained parameters in `adapter.safetensors` and the hparams
+(with `trained_clip_seconds`) in `config.yaml`. One check (`check_fits`) says whether a state fits
+a model, for resuming, for `stage.init_from` and for exports alike.
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparqle.distributed import gather_objects, world
@@ -184,83 +181,6 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
-
-
-# --------------------------------------------------------------------------- exports
-def export(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
-    """The trained tensors of a training checkpoint and the config that rebuilds the model."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    trainable = ckpt.get("sparqle_trainable")
-    if trainable is None:
-        raise ValueError(
-            f"{ckpt_path}: not a SparQLe training checkpoint (no 'sparqle_trainable' list)"
-        )
-    state = {k: v for k, v in ckpt["state_dict"].items() if k in set(trainable)}
-    if dtype:
-        state = {
-            k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()
-        }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()}, out / WEIGHTS, metadata={"format": "pt"}
-    )
-    config = dict(ckpt["hyper_parameters"])
-    if clip_seconds(ckpt):  # the clip lengths it trained on, for inference
-        config[CLIP_SECONDS] = list(clip_seconds(ckpt))
-    (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-    return {
-        "tensors": len(state),
-        "bytes": sum(v.numel() * v.element_size() for v in state.values()),
-    }
-
-
-def load_exported(path: str | Path, **overrides: Any):
-    """A SparQLeModule rebuilt from an export: frozen parts from their names, the rest from the file."""
-    from sparqle.lit_module import SparQLeModule
-
-    path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path}: no {WEIGHTS} (not a SparQLe export)")
-    config = yaml.safe_load((path / CONFIG).read_text())
-    config.update(overrides)
-    trained = config.pop(CLIP_SECONDS, None)
-    config.pop("val_decode_batches", None)  # exports written before 2026-12-01
-    config["stage"] = {**config["stage"], "init_from": None}  # the weights are in the export
-    module = SparQLeModule(**config)
-    state = load_file(path / WEIGHTS)
-    own = module.state_dict()
-    check_fits(own, state, trainable_names(module), f"{path}: the export", "not its own config?")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-    module.trained_clip_seconds = tuple(trained) if trained else None
-    return module
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", generates: bool = True):
-    """A SparQLeModule from an export folder or a full training checkpoint, in eval mode;
-    `generates=False` also accepts a stage-1 one (no LLM: for looking at its Q-Former)."""
-    from sparqle.lit_module import SparQLeModule
-
-    path = Path(path)
-    if path.is_dir() and (path / WEIGHTS).is_file():
-        module = load_exported(path)
-    elif path.is_file():
-        hparams = torch.load(path, map_location="cpu", weights_only=True).get(
-            "hyper_parameters", {}
-        )
-        stage = {**hparams.get("stage", {}), "init_from": None}  # the weights are in the checkpoint
-        with warnings.catch_warnings():  # the frozen encoder/LLM are absent from it by design
-            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
-            module = SparQLeModule.load_from_checkpoint(
-                path, map_location="cpu", weights_only=True, stage=stage
-            )
-    else:
-        raise FileNotFoundError(f"ckpt={path}: neither a checkpoint file nor an export folder")
-    if generates and module.stage != "instruct":
-        raise ValueError(
-            f"ckpt={path}: a stage-{module.stage} model cannot generate text; evaluate a stage-instruct one"
-        )
-    return module.to(device).eval()
 
 
 def fingerprint(path: str | Path) -> str:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
 
-    from sparqle.checkpoints import load_model
+    from sparqle.export import load_model
     from sparqle.inference import decode, piece_seconds
 
     say_progress()

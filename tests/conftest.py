@@ -61,8 +61,8 @@ def batch(synth_data):
 def trained(tiny_dir, synth_data, tmp_path_factory) -> Path:
     """A tiny stage-2 model after one step, as a full checkpoint (model.ckpt) and an export."""
 
-    from sparqle.checkpoints import export
     from sparqle.data.manifest_datamodule import ManifestDataModule
+    from sparqle.export import export
     from tests.helpers import make_module, one_step, save_checkpoint
 
     out = tmp_path_factory.mktemp("trained")

@@ -4,8 +4,8 @@ import socket
 import numpy as np
 import pytest
 
-from sparqle.checkpoints import load_model
 from sparqle.data.audio import load_audio
+from sparqle.export import load_model
 
 gr = pytest.importorskip("gradio", reason="the demo extra: pip install .[demo]")
 

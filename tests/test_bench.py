@@ -89,8 +89,8 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
 
     import torch
 
-    from sparqle.checkpoints import load_model
     from sparqle.data.shard_datamodule import ShardDataModule
+    from sparqle.export import load_model
     from sparqle.models.pretrain import query_spread
 
     spec = importlib.util.spec_from_file_location(

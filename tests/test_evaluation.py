@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparqle.checkpoints import load_model
 from sparqle.data.batch import Batch
 from sparqle.evaluation import generate_rows, score
+from sparqle.export import load_model
 from sparqle.inference import inference_autocast, inference_bf16, length_cap
 from sparqle.models.llm import check_generation
 from tests.conftest import ROOT

@@ -3,12 +3,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sparqle.checkpoints import (
-    CheckpointMismatch,
-    export,
-    load_exported,
-    trainable_names,
-)
+from sparqle.checkpoints import CheckpointMismatch, trainable_names
+from sparqle.export import export, load_exported
 from tests.helpers import make_module, one_step, save_checkpoint
 
 
@@ -50,7 +46,7 @@ def test_checkpoints_and_exports_from_before_the_renames_still_load(trained, tmp
     import torch
     import yaml
 
-    from sparqle.checkpoints import load_model
+    from sparqle.export import load_model
 
     ckpt = torch.load(trained / "model.ckpt", weights_only=False)
     ckpt["hyper_parameters"]["llm"]["gradient_checkpointing"] = False

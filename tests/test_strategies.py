@@ -191,7 +191,7 @@ def test_sharded_checkpoint_holds_only_what_is_trained(
     assert n == len(ckpt["sparqle_trainable"]) and set(state["state"]) <= set(range(n))
     assert len(ckpt["rng"]) == 2  # one random state per rank
     # and it exports (adapter + LoRA) and loads back like any other run's
-    from sparqle.checkpoints import export, load_exported
+    from sparqle.export import export, load_exported
 
     export(runs["fsdp/paper"]["dir"] / "checkpoints" / "last.ckpt", tmp_path / "export")
     loaded = load_exported(tmp_path / "export").state_dict()

@@ -45,7 +45,7 @@ def golden(tiny_dir, synth_data, tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    from sparqle.checkpoints import export
+    from sparqle.export import export
 
     export(run / "checkpoints/last.ckpt", run / "export")
     return run
@@ -126,8 +126,8 @@ def test_the_same_text_however_and_wherever_it_is_decoded(golden, synth_data, tm
     assert code == 0 and {u.id: printed[str(u.audio)] for u in utts} == one
 
     # training-time validation of the same clips, batches of 4
-    from sparqle.checkpoints import load_model
     from sparqle.data.manifest_datamodule import ManifestDataModule
+    from sparqle.export import load_model
 
     module = load_model(ckpt)
     module.val_decode_clips = len(one)  # the tiny preset decodes 8 a validation
