@@ -17,28 +17,17 @@ from pathlib import Path
 
 os.environ.setdefault("SPARQLE_ROOT", str(Path(__file__).resolve().parent))
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sparqle.checkpoints import fingerprint  # noqa: E402
 from sparqle.cli import report_user_errors  # noqa: E402
 from sparqle.config import register_resolvers  # noqa: E402
 from sparqle.config_check import ConfigError, validate_config  # noqa: E402
-from sparqle.distributed import gather_objects  # noqa: E402
-from sparqle.evaluation import (  # noqa: E402
-    BatchGenerator,
-    merge_rank_rows,
-    score,
-    task_key,
-    write_report,
-    write_rows,
-)
-from sparqle.export import load_model  # noqa: E402
-from sparqle.inference import piece_seconds  # noqa: E402
-from sparqle.models.llm import check_generation  # noqa: E402
-from sparqle.strategies import TrainableOnlyDDPStrategy  # noqa: E402
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger("sparqle.eval")
 register_resolvers()
@@ -46,6 +35,10 @@ register_resolvers()
 
 def eval_trainer(cfg: DictConfig) -> L.Trainer:
     """Lightning runs generation: one process, or N (`trainer.devices=N`), each a share."""
+    import lightning as L
+
+    from sparqle.strategies import TrainableOnlyDDPStrategy
+
     devices, nodes = cfg.trainer.devices, cfg.trainer.get("num_nodes", 1)
     many = devices == "auto" or (devices if isinstance(devices, int) else len(devices)) * nodes > 1
     return L.Trainer(
@@ -89,9 +82,25 @@ def refuse_feature_shards(data: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    validate_config(cfg)  # before any model loads
+    validate_config(cfg)  # before any model loads, and before torch and Lightning do (~6 s)
     refuse_feature_shards(cfg.data)
     ckpts = list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
+    from hydra.utils import instantiate
+
+    from sparqle.checkpoints import fingerprint
+    from sparqle.distributed import gather_objects
+    from sparqle.evaluation import (
+        BatchGenerator,
+        merge_rank_rows,
+        score,
+        task_key,
+        write_report,
+        write_rows,
+    )
+    from sparqle.export import load_model
+    from sparqle.inference import piece_seconds
+    from sparqle.models.llm import check_generation
+
     overrides = {
         k: v
         for k, v in OmegaConf.to_container(cfg.generation, resolve=True).items()

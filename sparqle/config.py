@@ -31,7 +31,7 @@ def _cpu_bf16(native: str, otherwise: str) -> str:
 
 
 def _run_id(run_name: str | None = None) -> str:
-    from sparqle.lifecycle import run_id
+    from sparqle.run_dir import run_id
 
     return run_id(run_name)
 
@@ -48,7 +48,7 @@ def register_resolvers() -> None:
     """`${tiny:KIND,ROOT}`: a tiny random model, built on first use; `${packaged:NAME,ROOT}`: a
     real pretrained part shipped in a PyPI package, converted on first use;
     `${cpu_bf16:A,B}`: A where the CPU has bf16 maths in hardware, else B;
-    `${run_id:NAME}`: the run directory's name, from NAME or the launcher (sparqle/lifecycle.py),
+    `${run_id:NAME}`: the run directory's name, from NAME or the launcher (sparqle/run_dir.py),
     cached so a Hydra sweep's jobs keep the name the launching host gave;
     `${mul:A,B}`: A x B (optimizer steps -> batches); `${eq:A,B}`: whether A equals B (a key on
     in one stage only: `${eq:${stage.name},pretrain}`)."""

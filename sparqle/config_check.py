@@ -12,18 +12,17 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sparqle.data.tasks import TEXT_CASES
-from sparqle.optim import SCHEDULES
-
-# what some keys may be, stated here once (sparqle.build takes STAGES from here)
+# what some keys may be, stated here once: the modules that act on them import these names
+# (sparqle.build STAGES, sparqle.optim SCHEDULES, sparqle.data.tasks TEXT_CASES). Nothing heavier
+# than omegaconf at import: `train.py --cfg job` and a config error answer before torch loads.
 STAGES = ("pretrain", "instruct")
 LR_SCALINGS = ("none", "linear", "sqrt")
+SCHEDULES = ("constant", "cosine", "linear")
+TEXT_CASES = (None, "lower")
 
 
 def check_devices(trainer: DictConfig) -> None:
     """Stop with one line when the trainer asks for devices this machine does not have."""
-    import torch
-
     accelerator = str(trainer.get("accelerator", "auto"))
     devices = trainer.get("devices", "auto")
     if OmegaConf.is_list(devices):
@@ -31,6 +30,8 @@ def check_devices(trainer: DictConfig) -> None:
     if isinstance(devices, int) and devices < 1:
         raise ValueError(f"trainer.devices={devices}: must be at least 1 (or auto)")
     if accelerator in ("gpu", "cuda"):
+        import torch
+
         have = torch.cuda.device_count()
         if have == 0:
             raise ValueError(
@@ -261,11 +262,6 @@ def _check(cfg: DictConfig, rules: dict[str, tuple[Check, str]]) -> None:
             raise ConfigError(f"{key}={value!r}: expected {says}")
 
 
-def check_files(cfg: DictConfig, rules: dict[str, tuple[Check, str]] = TRAIN_FILES) -> None:
-    """The files a run reads exist (after the config and devices are known to be right)."""
-    _check(cfg, rules)
-
-
 def validate_group(cfg: DictConfig, group: str) -> None:
     """The rules of one config group alone (a tool that builds only that part)."""
     _check(cfg, {k: v for k, v in RULES.items() if k.startswith(f"{group}.")})
@@ -339,11 +335,12 @@ def _check_cadence(cfg: DictConfig) -> None:
         )
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig, run_here: bool = False) -> None:
     """Check every known key of a composed config before anything is built, so a wrong type or
-    range stops at once with one line naming the key and what it must be."""
+    range stops at once with one line naming the key and what it must be; with `run_here` (train.py)
+    also the devices it asks of this machine and the files it reads. The model parts' keys come
+    last: their classes load torch."""
     _check(cfg, RULES)
-    check_group_keys(cfg)
     min_s, max_s = cfg.get("data", {}).get("min_seconds"), cfg.get("data", {}).get("max_seconds")
     if _is_number(min_s) and _is_number(max_s) and min_s >= max_s:
         raise ConfigError(f"data.min_seconds={min_s}: must be below data.max_seconds={max_s}")
@@ -379,3 +376,8 @@ def validate_config(cfg: DictConfig) -> None:
             "trainer.devices=1: trainer=fsdp shards over 2 or more devices (trainer=default "
             "or trainer=gpu trains on one)"
         )
+    if run_here:
+        if isinstance(cfg.get("trainer"), DictConfig):
+            check_devices(cfg.trainer)
+        _check(cfg, TRAIN_FILES)
+    check_group_keys(cfg)

@@ -20,9 +20,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from sparqle.config_check import SCHEDULES
 from sparqle.distributed import all_reduce_max
 
-SCHEDULES = ("constant", "cosine", "linear")
 # parameters left out of weight decay by default (name fragments; stage.optim.no_decay)
 NO_DECAY = ("bias", "norm", "LayerNorm", "layernorm", "query_tokens", "temp", "layer_weights")
 

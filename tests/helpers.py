@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -79,6 +80,26 @@ def run_cli(
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **env},
     )
+
+
+def run_side_by_side(
+    commands: list[list[str]], timeout: float = 300
+) -> list[subprocess.CompletedProcess]:
+    """Independent commands (argv lists after `python`), one per core at a time: most of such a
+    command's time is its imports, on one core."""
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        )
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(run, commands))
 
 
 def tiny_overrides(tiny_dir: Path, synth_data: Path, *extra: str) -> list[str]:

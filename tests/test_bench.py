@@ -1,41 +1,44 @@
-"""The benchmarks run and print what they claim to measure."""
+"""The benchmarks run and print what they claim to measure (their figures are measured in
+docs/benchmarks.md; here they run side by side, which only their timings would notice)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import run_side_by_side
 
 
-def _run(*args):
-    proc = subprocess.run(
-        [sys.executable, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+@pytest.fixture(scope="module")
+def outputs(tiny_dir, synth_data, trained, tmp_path_factory):
+    """Each bench's stdout, by script name."""
+    from data_prep.make_shards import make_shards
+
+    shards = tmp_path_factory.mktemp("bench-shards")
+    make_shards(synth_data / "manifest.jsonl", shards, "train", shard_size_mb=0.2)
+    make_shards(synth_data / "val.jsonl", shards, "val", shard_size_mb=0.2)
+    tiny = f"paths.cache_dir={tiny_dir}"
+    benches = {
+        "train_step": [
+            *("experiment=tiny", tiny, "--batch", "2", "--steps", "2", "--warmup", "1"),
+        ],
+        "data_throughput": ["--shards", str(shards / "train.json"), "--repeats", "1", "--profile"],
+        "query_spread": [
+            *("--shards", str(shards / "val.json"), "--layers", str(trained / "model.ckpt")),
+        ],
+        "eval_throughput": [tiny, "--n", "8", "--batch", "4", "--new-tokens", "4"],
+        "cpu_bf16": ["--batch", "2", "--seconds", "1", "--tokens", "8", "--repeats", "1"],
+        "saved_activations": ["--batch", "2", tiny],
+    }
+    done = run_side_by_side([[f"bench/{name}.py", *args] for name, args in benches.items()])
+    for name, proc in zip(benches, done, strict=True):
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    return {"shards": shards, **{n: p.stdout for n, p in zip(benches, done, strict=True)}}
 
 
-def test_train_step_bench(tiny_dir):
-    out = _run(
-        "bench/train_step.py",
-        "experiment=tiny",
-        f"paths.cache_dir={tiny_dir}",
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-    )
+def test_train_step_bench(outputs):
+    out = outputs["train_step"]
     result = json.loads(out[out.index("{") :])
     assert (
         result["step_time_s"] > 0
@@ -45,18 +48,8 @@ def test_train_step_bench(tiny_dir):
     assert 0 < result["mfu"] < 1.5
 
 
-def test_data_throughput_bench(synth_data, tmp_path):
-    from data_prep.make_shards import make_shards
-
-    make_shards(synth_data / "manifest.jsonl", tmp_path, "train", shard_size_mb=0.2)
-    out = _run(
-        "bench/data_throughput.py",
-        "--shards",
-        str(tmp_path / "train.json"),
-        "--repeats",
-        "1",
-        "--profile",
-    )
+def test_data_throughput_bench(outputs):
+    out = outputs["data_throughput"]
     for line in (
         "FLAC decode (libsndfile)",
         "tar stream + sample grouping",
@@ -69,14 +62,8 @@ def test_data_throughput_bench(synth_data, tmp_path):
         assert line in out
 
 
-def test_query_spread_bench(trained, synth_data, tmp_path):
-    from data_prep.make_shards import make_shards
-
-    make_shards(synth_data / "val.jsonl", tmp_path, "val", shard_size_mb=0.2)
-    ckpt = trained / "model.ckpt"
-    out = _run(
-        "bench/query_spread.py", "--shards", str(tmp_path / "val.json"), "--layers", str(ckpt)
-    )
+def test_query_spread_bench(outputs, trained):
+    ckpt, out = trained / "model.ckpt", outputs["query_spread"]
     lines = out.splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith(str(ckpt)))
     stage, value = lines[i].split()[1:3]
@@ -98,7 +85,8 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    dm = ShardDataModule(val={"urls": str(tmp_path / "val.json")}, batch_size=4, num_workers=0)
+    val = str(outputs["shards"] / "val.json")
+    dm = ShardDataModule(val={"urls": val}, batch_size=4, num_workers=0)
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     module = load_model(ckpt, generates=False)
@@ -108,31 +96,20 @@ def test_query_spread_bench(trained, synth_data, tmp_path):
     assert bench.spread(module, [batch])[-1] == pytest.approx(direct, rel=1e-6)
 
 
-def test_eval_throughput_bench(tiny_dir):
-    out = _run(
-        "bench/eval_throughput.py",
-        f"paths.cache_dir={tiny_dir}",
-        "--n",
-        "8",
-        "--batch",
-        "4",
-        "--new-tokens",
-        "4",
-    )
+def test_eval_throughput_bench(outputs):
+    out = outputs["eval_throughput"]
     assert "one at a time" in out and "batches of 4" in out and "ratio" in out
 
 
-def test_cpu_bf16_bench():
-    out = _run(
-        "bench/cpu_bf16.py", "--batch", "2", "--seconds", "1", "--tokens", "8", "--repeats", "1"
-    )
+def test_cpu_bf16_bench(outputs):
+    out = outputs["cpu_bf16"]
     rows = [line for line in out.splitlines() if "SmolLM2-135M fwd+bwd" in line]
     assert [r.split(":")[0].strip() for r in rows] == ["float32", "bfloat16"], out
     assert out.startswith("native bf16 on this CPU: ")
 
 
-def test_saved_activations_bench(tiny_dir):
-    out = _run("bench/saved_activations.py", "--batch", "2", f"paths.cache_dir={tiny_dir}")
+def test_saved_activations_bench(outputs):
+    out = outputs["saved_activations"]
     kept, recomputed = (int(m.replace(",", "")) for m in re.findall(r":\s+([\d,]+) elements", out))
     losses = re.findall(r"loss ([\d.]+)", out)
     assert kept >= 3 * recomputed and losses[0] == losses[1]

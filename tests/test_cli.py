@@ -1,23 +1,9 @@
 """Every command ends a user's mistake with one line naming it and exit code 2, no traceback."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from tests.conftest import ROOT
-
-
-def run(*argv: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+from tests.helpers import run_side_by_side
 
 
 @pytest.fixture()
@@ -42,8 +28,7 @@ def test_each_command_reports_a_user_error_in_one_line(broken_manifest, tmp_path
         ([str(ROOT / "eval.py"), f"ckpt={tmp_path / 'no.ckpt'}"], "ckpt="),
         ([str(ROOT / "eval.py")], "ckpt: missing (give ckpt=...)"),  # its one mandatory value
     ]
-    for argv, named in cases:
-        proc = run(*argv)
+    for (argv, named), proc in zip(cases, run_side_by_side([c for c, _ in cases]), strict=True):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (argv, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sparqle.cli import report_user_errors
-from sparqle.config_check import ConfigError, check_files, validate_config
+from sparqle.config_check import ConfigError, validate_config
 from tests.conftest import ROOT
 
 BAD = [
@@ -86,13 +86,14 @@ def test_the_shipped_presets_pass():
 def test_a_missing_manifest_is_named():
     cfg = composed("data.train_manifest=null", "data.val_manifest=/nowhere/val.jsonl")
     with pytest.raises(ConfigError, match=r"data.val_manifest='/nowhere/val.jsonl': expected"):
-        check_files(cfg)
+        validate_config(cfg, run_here=True)
 
 
-def test_train_py_stops_before_loading_anything():
+def test_train_py_stops_before_loading_anything(tmp_path):
     """As a user meets it: exit code 2, one line, no traceback, no model loaded."""
+    run = f"hydra.run.dir={tmp_path}"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "experiment=tiny", "adapter.num_queries=-3"],
+        [sys.executable, str(ROOT / "train.py"), "experiment=tiny", "adapter.num_queries=-3", run],
         capture_output=True,
         text=True,
         timeout=120,

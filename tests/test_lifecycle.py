@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from sparqle.lifecycle import AtomicCheckpointIO, resolve_resume, run_id, wandb_run_id
+from sparqle.lifecycle import AtomicCheckpointIO, resolve_resume
+from sparqle.run_dir import run_id, wandb_run_id
 from tests.helpers import ROOT, tiny_overrides, torchrun
 
 LAUNCHER_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID")
@@ -49,7 +50,7 @@ def test_torchrun_ranks_started_apart_name_the_run_alike(tmp_path):
         "import os, sys, time\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "time.sleep(1.2 * int(os.environ['RANK']))\n"
-        "from sparqle.lifecycle import run_id\n"
+        "from sparqle.run_dir import run_id\n"
         "open(sys.argv[1] + os.environ['RANK'], 'w').write(run_id(None))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}

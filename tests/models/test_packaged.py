@@ -59,6 +59,7 @@ def test_minilm_initialises_the_qformer(tmp_path):
     )
 
 
+@pytest.mark.slow  # dequantises and writes a 135M-parameter model (~25 s)
 def test_smollm2_gguf_converts_to_a_working_llm(tmp_path):
     from sparqle.models.llm import LLM
 
