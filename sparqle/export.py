@@ -2,8 +2,9 @@
 
     python -m sparqle.export --ckpt logs/.../checkpoints/last.ckpt --out exports/my-run [--dtype bfloat16]
 
-An export holds `adapter.safetensors` (the trained tensors) and `config.yaml` (the hparams that
-rebuild the model, with the clip lengths it trained on). The frozen encoder and LLM are not
+An export holds `adapter.safetensors` (the trained tensors), `config.yaml` (the hparams that
+rebuild the model, with the clip lengths it trained on) and `README.md`, its model card
+(sparqle/model_card.py; `--report eval/report.json` adds the checkpoint's scores). The frozen encoder and LLM are not
 copied: the config names them (hub name or path). `load_model` reads an export or a full training
 checkpoint, for eval.py, transcribe, the app and the benches. What a training checkpoint holds:
 sparqle/checkpoints.py.
@@ -27,14 +28,23 @@ from sparqle.checkpoints import (
     WEIGHTS,
     check_fits,
     clip_seconds,
+    fingerprint,
     trainable_names,
 )
 from sparqle.cli import reports_user_errors
 from sparqle.lit_module import SparQLeModule
+from sparqle.model_card import CARD, model_card, report_scores, run_config
 
 
-def export(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
-    """The trained tensors of a training checkpoint and the config that rebuilds the model."""
+def export(
+    ckpt_path: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    report: str | Path | None = None,
+) -> dict[str, Any]:
+    """The trained tensors of a training checkpoint, the config that rebuilds the model, and its
+    model card (README.md; with the scores of an eval.py `report` of this checkpoint)."""
+    scores = report_scores(report, fingerprint(ckpt_path)) if report else None
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     trainable = ckpt.get("sparqle_trainable")
     if trainable is None:
@@ -55,6 +65,15 @@ def export(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> 
     if clip_seconds(ckpt):  # the clip lengths it trained on, for inference
         config[CLIP_SECONDS] = list(clip_seconds(ckpt))
     (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    card = model_card(
+        config,
+        out.resolve().name,
+        len(state),
+        ckpt.get("global_step"),
+        run_config(ckpt_path),
+        scores,
+    )
+    (out / CARD).write_text(card, encoding="utf-8")
     return {
         "tensors": len(state),
         "bytes": sum(v.numel() * v.element_size() for v in state.values()),
@@ -111,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bfloat16")
+    p.add_argument("--report", default=None, help="eval.py's report.json: its scores in the card")
     args = p.parse_args(argv)
-    info = export(args.ckpt, args.out, args.dtype)
+    info = export(args.ckpt, args.out, args.dtype, args.report)
     print(
         f"{info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB -> {args.out}", file=sys.stderr
     )

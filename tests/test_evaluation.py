@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sparqle.data.batch import Batch
 from sparqle.evaluation import generate_rows, score
@@ -178,6 +179,19 @@ def test_eval_cli_compares_checkpoint_and_export(trained, tiny_dir, synth_data, 
         rows[0].split("\t")[:5] == ["id", "task", "lang", "reference", "hypothesis"]
         and len(rows) == 13
     )
+    # the export's model card carries these scores: the hub's model-index and a table
+    from sparqle.export import export
+
+    export(trained / "model.ckpt", tmp_path / "card", report=tmp_path / "report.json")
+    card = (tmp_path / "card" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    results = {r["task"]["name"]: r for r in header["model-index"][0]["results"]}
+    wer = next(m for m in results["transcribe"]["metrics"] if m["type"] == "wer")["value"]
+    bleu = next(m for m in results["translate_de"]["metrics"] if m["type"] == "bleu")["value"]
+    assert wer == round(100 * a["transcribe"]["wer"], 2)
+    assert bleu == round(a["translate_de"]["bleu"], 2)
+    assert results["transcribe"]["dataset"]["name"] == "val"
+    assert f"| transcribe | WER | {100 * a['transcribe']['wer']:.1f} | 6 |" in card
 
 
 def test_eval_refuses_a_stage_one_model(tiny_dir, synth_data, tmp_path):

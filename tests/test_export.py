@@ -64,3 +64,50 @@ def test_checkpoints_and_exports_from_before_the_renames_still_load(trained, tmp
     config["val_decode_batches"] = config.pop("val_decode_clips", 2)
     (tmp_path / "export" / "config.yaml").write_text(yaml.safe_dump(config))
     assert load_model(tmp_path / "export").stage == "instruct"
+
+
+def _card(folder):
+    text = (folder / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+def test_every_export_has_a_model_card_naming_its_parts_and_data(trained, tmp_path):
+    """Hugging Face's README.md format: the header the hub reads, then the model, its training
+    data (from the run directory the checkpoint sits in) and how to load it."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained / "model.ckpt", run / "checkpoints" / "last.ckpt")
+    index = tmp_path / "train.json"
+    index.write_text(json.dumps({"hours": 1.5, "shards": [{"url": "a.tar", "samples": 7}]}))
+    (run / ".hydra").mkdir()
+    # as Hydra saves it: interpolations unresolved
+    data = {"train": {"main": {"urls": "${paths.data_dir}/train.json"}}, "seed": "${seed}"}
+    saved = {"paths": {"data_dir": str(tmp_path)}, "data": data}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["llm"]["name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ckpt["hyper_parameters"]["train_tasks"] = ["transcribe", "translate_de"]
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+
+    info = export(run / "checkpoints" / "last.ckpt", tmp_path / "my-adapter")
+    header, body = _card(tmp_path / "my-adapter")
+    assert header["library_name"] == "sparqle" and header["language"] == ["de"]
+    assert header["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]  # the tiny encoder's
+    assert header["datasets"] == [str(index)]  # local path is named in the body, not as a hub id
+    assert {"transcribe", "translate_de"} <= set(header["tags"]) and "model-index" not in header
+    assert body.startswith("\n# my-adapter\n")
+    assert f"{info['tensors']} tensors" in body and f"`{index}`: 1.50 h, 7 clips" in body
+    assert "load_model(" in body and "| optimizer steps |" in body
+
+    # moved out of its run: the card says the data is not recorded
+    export(trained / "model.ckpt", tmp_path / "moved")
+    assert "Data: not recorded" in _card(tmp_path / "moved")[1]
+    # a report of another checkpoint is refused in one line naming the option
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"models": {"x": {"checkpoint_sha256": "0" * 64}}}))
+    with pytest.raises(ValueError, match="--report .*holds no scores of this checkpoint"):
+        export(trained / "model.ckpt", tmp_path / "scored", report=report)
