@@ -30,20 +30,30 @@ PACKAGES = (
 
 
 class SpeechThroughput(L.Callback):
-    """Logs audio seconds/s, samples/s, LLM tokens/s, estimated MFU and peak GPU memory.
+    """Logs audio seconds/s, samples/s, LLM tokens/s, estimated MFU and peak GPU memory, and
+    `train/data_wait`: the fraction of each window the loop spent between one batch's end and the
+    next one's start, waiting for its data (gaps around validation and checkpoint saves left out).
+    A window above `starved` for `patience` windows in a row says so in one line, with the knobs.
 
     Reads the `work` the training step returns with its loss (audio_seconds, samples,
     llm_tokens, flops: host-side counts) and averages over `window` steps.
     """
 
-    def __init__(self, window: int = 10) -> None:
+    def __init__(self, window: int = 10, starved: float = 0.2, patience: int = 3) -> None:
         self.window = window
+        self.starved, self.patience = starved, patience
         self._start: float | None = None
         self._acc: dict[str, float] = {}
         self._steps = 0
         self._peak_flops: float | None = None
+        self._ended: float | None = None  # when the last batch ended (None: not a data gap)
+        self._waited = 0.0
+        self._starved_windows = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._ended is not None:
+            self._waited += now - self._ended
         if self._start is None:
             self._sync(pl_module)
             self._start = time.perf_counter()
@@ -55,7 +65,14 @@ class SpeechThroughput(L.Callback):
                     else None
                 )
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._ended = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._ended = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._ended = time.perf_counter()
         stats = outputs.get("work", {}) if isinstance(outputs, dict) else {}
         for k, v in stats.items():
             self._acc[k] = self._acc.get(k, 0.0) + float(v)
@@ -70,6 +87,7 @@ class SpeechThroughput(L.Callback):
             "throughput/samples_per_s": self._acc.get("samples", 0.0) * world / dt,
             "throughput/llm_tokens_per_s": self._acc.get("llm_tokens", 0.0) * world / dt,
             "throughput/step_time_s": dt / self._steps,
+            "train/data_wait": min(1.0, self._waited / dt),
         }
         if self._peak_flops:
             metrics["throughput/mfu"] = self._acc.get("flops", 0.0) / dt / self._peak_flops
@@ -78,7 +96,30 @@ class SpeechThroughput(L.Callback):
                 torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             )
         pl_module.log_dict(metrics, rank_zero_only=True)
-        self._start, self._acc, self._steps = None, {}, 0
+        self._warn_if_starved(trainer, metrics["train/data_wait"])
+        # the next window starts here: the wait for its first batch is inside it
+        self._acc, self._steps, self._waited = {}, 0, 0.0
+        self._start = self._ended = time.perf_counter()
+
+    def _warn_if_starved(self, trainer, wait: float) -> None:
+        """One line once the data has held the loop back `patience` windows in a row (again only
+        after it recovered)."""
+        self._starved_windows = self._starved_windows + 1 if wait > self.starved else 0
+        if self._starved_windows != self.patience or not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        workers = getattr(dm, "num_workers", None)
+        log.warning(
+            "data starvation: the training loop waited for its batches %.0f%% of the last %d "
+            "windows of %d steps (step %d). Raise data.num_workers (now %s), keep "
+            "data.persistent_workers=true, stream shards from local disk, or train from feature "
+            "shards (data=feature_shards: no encoder, no audio decoding)",
+            100 * wait,
+            self.patience,
+            self.window,
+            trainer.global_step,
+            workers,
+        )
 
     @staticmethod
     def _sync(pl_module) -> None:

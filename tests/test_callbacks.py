@@ -1,9 +1,12 @@
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -50,3 +53,58 @@ def test_dashboards_offline_wandb_table_throughput_and_run_info(tiny_dir, synth_
         "val/wer",
     ):
         assert key in history, key
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The same batch again and again, each `delay` s late: a data pipeline that cannot keep up."""
+
+    def __init__(self, batch, n: int, delay: float) -> None:
+        self.batch, self.n, self.delay = batch, n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.batch
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_a_starved_loop_shows_its_data_wait_and_says_what_to_turn(
+    delay, tiny_dir, synth_data, batch, caplog
+):
+    import lightning as L
+
+    from sparqle.callbacks import SpeechThroughput
+    from tests.helpers import make_module
+
+    module = make_module(tiny_dir, synth_data, "stage=instruct")
+    loader = torch.utils.data.DataLoader(
+        _Batches(batch, 12, delay), batch_size=None, collate_fn=lambda b: b
+    )
+    throughput = SpeechThroughput(window=2, starved=0.3, patience=2)
+    waits = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if "train/data_wait" in trainer.callback_metrics:
+                waits.append(float(trainer.callback_metrics["train/data_wait"]))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[throughput, Record()],
+    )
+    with caplog.at_level(logging.WARNING, logger="sparqle.callbacks"):
+        trainer.fit(module, train_dataloaders=loader)
+    starved = [r.message for r in caplog.records if "data starvation" in r.message]
+    if delay:  # the first windows hold the slower first steps: the fraction rises after them
+        assert waits[-1] > 0.4, waits
+        assert starved and "data.num_workers" in starved[0], starved
+    else:
+        assert max(waits) < 0.15, waits
+        assert not starved
