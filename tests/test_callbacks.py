@@ -49,6 +49,7 @@ def test_dashboards_offline_wandb_table_throughput_and_run_info(tiny_dir, synth_
     for key in (
         "throughput/audio_seconds_per_s",
         "throughput/llm_tokens_per_s",
+        "train/data_wait",
         "train/grad_norm",
         "val/wer",
     ):
