@@ -1,0 +1,289 @@
+"""A Hugging Face `datasets` audio corpus -> JSONL manifest + 16 kHz FLAC clips, ready for
+`data_prep.make_shards` (or `data=manifest`).
+
+    python -m data_prep.hf_dataset --preset librispeech --split train.clean.100 --out DIR
+    python -m data_prep.hf_dataset --source DIR_OR_FILES --split train --out DIR \\
+        --audio audio --text sentence --translation de=translation --speaker client_id --id id
+
+`--source` is a hub name (read from the local HF cache: no network), a `save_to_disk` folder, or
+parquet/arrow files (a glob, or several). Hub names and files are streamed row by row. Audio is
+read as stored (the `Audio` feature's bytes or path, never decoded by `datasets`); what is already
+16 kHz mono FLAC is written as it is, anything else is decoded, mixed to mono and resampled.
+Rows with undecodable audio, empty or missing text (or a missing translation) are skipped and
+counted. A rerun writes the same files byte for byte and reuses clips already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+
+from sparqle.cli import reports_user_errors
+from sparqle.data.audio import AudioError, encode_flac, load_audio
+from sparqle.data.manifest import Utterance, write_manifest
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds what; `translation` maps a target language to its column."""
+
+    audio: str = "audio"
+    text: str = "text"
+    translation: dict[str, str] = field(default_factory=dict)
+    speaker: str | None = None
+    id: str | None = None
+    lang: str = "en"  # the speech's language (the manifest's `lang`)
+
+
+# the common layouts on the hub: `--preset NAME` needs no column flags
+PRESETS: dict[str, dict[str, Any]] = {
+    # openslr/librispeech_asr, config "all": splits train.clean.100, validation.clean, test.other...
+    "librispeech": {
+        "source": "openslr/librispeech_asr",
+        "name": "all",
+        "columns": Columns(text="text", speaker="speaker_id", id="id"),
+    },
+    # facebook/covost2 (config en_de, ...): one target per config, in the `translation` column
+    "covost2": {
+        "source": "facebook/covost2",
+        "name": "en_de",
+        "columns": Columns(
+            text="sentence", translation={"de": "translation"}, speaker="client_id", id="id"
+        ),
+    },
+    # google/fleurs (config en_us, ...): the raw transcription keeps case and punctuation
+    "fleurs": {
+        "source": "google/fleurs",
+        "name": "en_us",
+        "columns": Columns(text="raw_transcription", id="id"),
+    },
+    # mozilla-foundation/common_voice_* (config en, ...)
+    "common_voice": {
+        "source": "mozilla-foundation/common_voice_17_0",
+        "name": "en",
+        "columns": Columns(text="sentence", speaker="client_id", id="path"),
+    },
+}
+
+
+def open_rows(source: str, split: str, name: str | None = None) -> Iterable[dict[str, Any]]:
+    """The rows of one split, audio as stored ({'bytes', 'path'}): a `save_to_disk` folder,
+    parquet/arrow files, or a hub name from the local cache (the last two streamed)."""
+    import datasets
+    from datasets import Audio
+
+    path = Path(source)
+    if path.is_dir() and (
+        (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+    ):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"--split {split}: {source} holds {', '.join(ds)}")
+            ds = ds[split]
+    else:
+        files = sorted(f for s in source.split(",") for f in glob.glob(s))
+        if files:
+            kinds = {Path(f).suffix for f in files}
+            if len(kinds) != 1 or kinds - {".parquet", ".arrow"}:
+                raise ValueError(f"--source {source}: expected parquet or arrow files")
+            builder = "parquet" if kinds == {".parquet"} else "arrow"
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        elif path.exists() or "/" not in source or source.startswith((".", "/")):
+            raise FileNotFoundError(f"--source {source}: no dataset folder, files or hub name")
+        else:
+            try:
+                ds = datasets.load_dataset(source, name, split=split, streaming=True)
+            except (FileNotFoundError, ConnectionError, ValueError) as exc:
+                raise FileNotFoundError(
+                    f"--source {source}: not in the local Hugging Face cache ({exc})"
+                ) from None
+    features = ds.features or {}
+    for column, feature in features.items():
+        if isinstance(feature, Audio):
+            ds = ds.cast_column(column, Audio(decode=False))
+    return ds
+
+
+def _text(value: Any) -> str | None:
+    """A usable text cell: None for missing, NaN or blank."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = " ".join(str(value).split())
+    return text or None
+
+
+def _stored(cell: Any, base: Path | None) -> bytes | str:
+    """The encoded audio of an `Audio` cell (bytes, or a file path) or a raw binary cell."""
+    if isinstance(cell, bytes | bytearray):
+        return bytes(cell)
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return bytes(cell["bytes"])
+        if cell.get("path"):
+            p = Path(cell["path"])
+            return str(p if p.is_absolute() or base is None else base / p)
+    raise AudioError("no audio bytes or path in the row")
+
+
+def _flac16k(encoded: bytes | str) -> tuple[bytes, float]:
+    """16 kHz mono 16-bit FLAC of a clip and its seconds; FLAC that already is kept byte for byte."""
+    raw = encoded if isinstance(encoded, bytes) else None
+    if raw is None and str(encoded).endswith(".flac") and Path(encoded).is_file():
+        raw = Path(encoded).read_bytes()
+    if raw is not None and raw[:4] == b"fLaC":
+        try:
+            info = sf.info(io.BytesIO(raw))
+        except RuntimeError as exc:
+            raise AudioError(f"cannot decode audio ({exc})") from exc
+        if info.samplerate == SAMPLE_RATE and info.channels == 1 and info.subtype == "PCM_16":
+            if info.frames == 0:
+                raise AudioError("empty audio")
+            return raw, info.frames / SAMPLE_RATE
+    samples = load_audio(raw if raw is not None else encoded, SAMPLE_RATE)
+    return encode_flac(samples, SAMPLE_RATE), samples.size / SAMPLE_RATE
+
+
+def convert(
+    rows: Iterable[dict[str, Any]],
+    columns: Columns,
+    split: str,
+    out: Path,
+    base: Path | None = None,
+) -> tuple[list[Utterance], dict[str, int]]:
+    """Rows -> clips under OUT/audio and their manifest entries; skipped rows counted by reason."""
+    audio_dir = out / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    utts: list[Utterance] = []
+    skipped = {"undecodable audio": 0, "empty text": 0, "missing translation": 0}
+    seen: set[str] = set()
+    for i, row in enumerate(_checked(rows, columns)):
+        text = _text(row.get(columns.text))
+        if text is None:
+            skipped["empty text"] += 1
+            continue
+        translation = {lang: _text(row.get(col)) for lang, col in columns.translation.items()}
+        if any(v is None for v in translation.values()):
+            skipped["missing translation"] += 1
+            continue
+        uid = _uid(row.get(columns.id) if columns.id else None, split, i, seen)
+        target = audio_dir / f"{uid}.flac"
+        try:
+            if target.is_file():  # a rerun: the clip is written already
+                seconds = sf.info(target).frames / SAMPLE_RATE
+            else:
+                flac, seconds = _flac16k(_stored(row.get(columns.audio), base))
+                tmp = target.with_suffix(".flac.tmp")
+                tmp.write_bytes(flac)
+                tmp.replace(target)
+        except AudioError:
+            skipped["undecodable audio"] += 1
+            continue
+        speaker = row.get(columns.speaker) if columns.speaker else None
+        utts.append(
+            Utterance(
+                id=uid,
+                audio=f"audio/{uid}.flac",
+                text=text,
+                translation=translation,
+                speaker=None if speaker is None else str(speaker),
+                duration=round(seconds, 4),
+                lang=columns.lang,
+            )
+        )
+    return utts, skipped
+
+
+def _checked(rows: Iterable[dict[str, Any]], columns: Columns) -> Iterator[dict[str, Any]]:
+    """The rows, once the first one is seen to hold every mapped column (a wrong flag stops in
+    one line naming it, not after an hour of rows)."""
+    it = iter(rows)
+    first = next(it, None)
+    if first is None:
+        return
+    flags = {"--audio": columns.audio, "--text": columns.text, "--speaker": columns.speaker}
+    flags |= {"--id": columns.id}
+    flags |= {f"--translation {lang}=": col for lang, col in columns.translation.items()}
+    for flag, col in flags.items():
+        if col is not None and col not in first:
+            raise ValueError(
+                f"{flag}{'' if flag.endswith('=') else ' '}{col}: no such column "
+                f"(the rows hold {', '.join(first)})"
+            )
+    yield first
+    yield from it
+
+
+def _uid(value: Any, split: str, index: int, seen: set[str]) -> str:
+    """A file-safe, unique id: the id column's value (a path's stem), else split + row number."""
+    raw = Path(str(value)).stem if value not in (None, "") else f"{split}_{index:08d}"
+    uid = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+    while uid in seen:
+        uid = f"{uid}_{index}"
+    seen.add(uid)
+    return uid
+
+
+def _translations(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        lang, sep, col = pair.partition("=")
+        if not sep or not lang or not col:
+            raise ValueError(f"--translation {pair}: expected LANG=COLUMN, e.g. de=translation")
+        out[lang] = col
+    return out
+
+
+@reports_user_errors
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a common hub layout: no column flags")
+    p.add_argument("--source", help="hub name, save_to_disk folder, or parquet/arrow files")
+    p.add_argument("--name", help="the hub dataset's configuration (a preset sets one)")
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--audio", help="the audio column (default audio)")
+    p.add_argument("--text", help="the transcript column")
+    p.add_argument("--translation", action="append", default=[], help="LANG=COLUMN, repeatable")
+    p.add_argument("--speaker", help="the speaker column")
+    p.add_argument("--id", help="the id column (else SPLIT_ROW)")
+    p.add_argument("--lang", help="the speech's language (default en)")
+    args = p.parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
+    source = args.source or preset.get("source")
+    if not source:
+        p.error("give --source or --preset")
+    base = preset.get("columns", Columns())
+    columns = Columns(
+        audio=args.audio or base.audio,
+        text=args.text or base.text,
+        translation=_translations(args.translation) or base.translation,
+        speaker=args.speaker or base.speaker,
+        id=args.id or base.id,
+        lang=args.lang or base.lang,
+    )
+    folder = Path(source) if Path(source).is_dir() else None
+    rows = open_rows(source, args.split, args.name or preset.get("name"))
+    utts, skipped = convert(rows, columns, args.split, args.out, base=folder)
+    write_manifest(args.out / f"{args.split}.jsonl", utts)
+    hours = sum(u.duration or 0 for u in utts) / 3600
+    print(
+        f"{args.split}: {len(utts)} clips, {hours:.2f} h -> {args.out / f'{args.split}.jsonl'}; "
+        f"skipped {skipped}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
