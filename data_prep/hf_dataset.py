@@ -27,11 +27,10 @@ from typing import Any
 
 import soundfile as sf
 
+from data_prep.clips import SAMPLE_RATE, clip_id, write_clip, written_seconds
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import AudioError, encode_flac, load_audio
 from sparqle.data.manifest import Utterance, write_manifest
-
-SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)
@@ -177,16 +176,13 @@ def convert(
         if any(v is None for v in translation.values()):
             skipped["missing translation"] += 1
             continue
-        uid = _uid(row.get(columns.id) if columns.id else None, split, i, seen)
+        uid = clip_id(row.get(columns.id) if columns.id else None, split, i, seen)
         target = audio_dir / f"{uid}.flac"
         try:
-            if target.is_file():  # a rerun: the clip is written already
-                seconds = sf.info(target).frames / SAMPLE_RATE
-            else:
+            seconds = written_seconds(target)  # a rerun: the clip is written already
+            if seconds is None:
                 flac, seconds = _flac16k(_stored(row.get(columns.audio), base))
-                tmp = target.with_suffix(".flac.tmp")
-                tmp.write_bytes(flac)
-                tmp.replace(target)
+                write_clip(target, flac)
         except AudioError:
             skipped["undecodable audio"] += 1
             continue
@@ -223,16 +219,6 @@ def _checked(rows: Iterable[dict[str, Any]], columns: Columns) -> Iterator[dict[
             )
     yield first
     yield from it
-
-
-def _uid(value: Any, split: str, index: int, seen: set[str]) -> str:
-    """A file-safe, unique id: the id column's value (a path's stem), else split + row number."""
-    raw = Path(str(value)).stem if value not in (None, "") else f"{split}_{index:08d}"
-    uid = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
-    while uid in seen:
-        uid = f"{uid}_{index}"
-    seen.add(uid)
-    return uid
 
 
 def _translations(pairs: list[str]) -> dict[str, str]:
