@@ -22,9 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train_step import build_module  # noqa: E402
-
 from data_prep.synth_speech import synthesise  # noqa: E402
+from sparqle.build import build_module  # noqa: E402
 from sparqle.data.manifest import write_manifest  # noqa: E402
 from sparqle.data.manifest_datamodule import ManifestDataModule  # noqa: E402
 

@@ -17,12 +17,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from train_step import build_module  # noqa: E402
-
-from sparqle.memory_plan import GiB, StepShape, communication, dtype_bytes, plan  # noqa: E402
-from sparqle.prompts import TRANSCRIBE, instruction  # noqa: E402
+from sparqle.build import build_module  # noqa: E402
+from sparqle.memory_plan import (  # noqa: E402
+    GiB,
+    communication,
+    configured_strategy,
+    dtype_bytes,
+    plan,
+    step_shape,
+)
 
 ROWS = (
     "frozen weights",
@@ -33,27 +37,6 @@ ROWS = (
     "activations",
     "peak",
 )
-
-
-def step_shape(module, cfg) -> StepShape:
-    data = cfg.data
-    batch = int(data.get("batch_size", 8))
-    seconds = float(data.get("max_seconds") or 30.0)
-    prompt = target = 0
-    if module.model.llm is not None:
-        before, after = module.model.llm.prompt_ids(instruction(TRANSCRIBE))
-        prompt = len(before) + len(after)
-        target = int(cfg.llm.get("max_target_tokens") or 128) + 1
-    text = int(cfg.stage.get("pretrain", {}).get("max_text_tokens") or 64)
-    return StepShape(batch, seconds, prompt, target, text)
-
-
-def configured_strategy(strategy, world: int) -> str:
-    """fsdp / hybrid / ddp / single, from `trainer.strategy` (a name or a `_target_` config)."""
-    target = strategy if isinstance(strategy, str) or strategy is None else strategy.get("_target_")
-    if target and "FSDP" in str(target):
-        return "hybrid" if strategy.get("sharding") == "hybrid" else "fsdp"
-    return "ddp" if world > 1 or (target and "ddp" in str(target).lower()) else "single"
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ its activations only), held to torch's FlopCounterMode in tests/test_flops.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -27,139 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoTokenizer,
-)
 
 from sparqle import flops  # noqa: E402
-from sparqle.config import register_resolvers  # noqa: E402
+from sparqle.build import build_module  # noqa: E402
 from sparqle.data.batch import Batch  # noqa: E402
-from sparqle.lit_module import SparQLeModule  # noqa: E402
-from sparqle.models.tiny import ensure_tiny  # noqa: E402
-
-ARCHITECTURES = {
-    "facebook/hubert-large-ll60k": (
-        "hubert",
-        dict(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            feat_extract_norm="layer",
-            do_stable_layer_norm=True,
-            conv_bias=True,
-        ),
-    ),
-    "facebook/hubert-base-ls960": ("hubert", {}),
-    "microsoft/wavlm-large": (
-        "wavlm",
-        dict(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            feat_extract_norm="layer",
-            do_stable_layer_norm=True,
-            conv_bias=False,
-        ),
-    ),
-    "google-bert/bert-base-uncased": ("bert", {}),
-    "meta-llama/Meta-Llama-3-8B-Instruct": (
-        "llama",
-        dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            rope_theta=500000.0,
-            max_position_embeddings=8192,
-        ),
-    ),
-    "Qwen/Qwen2.5-7B-Instruct": (
-        "qwen2",
-        dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-        ),
-    ),
-}
-
-
-def architecture_dir(name: str, cache: Path) -> str:
-    """A config-only directory for a published model (plus a small stand-in tokenizer)."""
-    model_type, kwargs = ARCHITECTURES[name]
-    out = cache / "bench-architectures" / name.replace("/", "--")
-    if not (out / "config.json").is_file():
-        AutoConfig.for_model(model_type, **kwargs).save_pretrained(out)
-        donor = {"hubert": "encoder", "wavlm": "encoder", "bert": "bert"}.get(model_type, "llm")
-        src = Path(ensure_tiny(donor, cache))
-        for f in src.iterdir():  # tokenizer / feature-extractor files only
-            if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
-                (out / f.name).write_bytes(f.read_bytes())
-        if model_type == "bert":  # the Q-Former checks its tokenizer against BERT's vocabulary
-            tok = AutoTokenizer.from_pretrained(out)
-            size = AutoConfig.from_pretrained(out).vocab_size
-            tok.add_tokens([f"[unused{i}]" for i in range(size - len(tok))])
-            tok.save_pretrained(out)
-    return str(out)
-
-
-@contextlib.contextmanager
-def random_weights():
-    """from_pretrained builds from the directory's config with random weights instead of loading."""
-    saved = {c: c.from_pretrained for c in (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM)}
-
-    def make(cls):
-        def load(path, *args, output_loading_info=False, dtype=None, **kwargs):
-            model = cls.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-            return (
-                (model, {"missing_keys": ["cls.predictions.transform.dense.weight"]})
-                if output_loading_info
-                else model
-            )
-
-        return load
-
-    try:
-        for c in saved:
-            c.from_pretrained = make(c)
-        yield
-    finally:
-        for c, f in saved.items():
-            c.from_pretrained = f
-
-
-def build_module(overrides: list[str], meta: bool = False):
-    """(SparQLeModule with random weights on the best device, composed config) from overrides;
-    with `meta`, on the meta device: shapes and dtypes only, nothing allocated."""
-    os.environ.setdefault("SPARQLE_ROOT", str(ROOT))
-    register_resolvers()
-    if not any(o.startswith("experiment=") for o in overrides):
-        overrides = ["experiment=tiny", *overrides]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp"])
-    for group, key in (("encoder", "name_or_path"), ("llm", "name_or_path"), ("adapter", "bert")):
-        if cfg[group].get(key) in ARCHITECTURES:
-            cfg[group][key] = architecture_dir(cfg[group][key], Path(cfg.paths.cache_dir))
-    if meta:
-        with random_weights(), torch.device("meta"):
-            return SparQLeModule.from_config(cfg), cfg
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with random_weights():
-        module = SparQLeModule.from_config(cfg).to(device)
-    return module, cfg
 
 
 def cpu_peak_flops(dtype: torch.dtype) -> float:

@@ -191,10 +191,11 @@ def plan(
         largest, tail = _largest_unit_bytes(module, compute_bytes)
         # two blocks gathered (one computing, one prefetched), the LLM's tail kept gathered, the
         # root (adapter weights outside the blocks) gathered through the step
+        blocks = tuple(_block_types(module))  # once: it walks the whole model
         root = 4 * n - sum(
             4 * p.numel()
             for m in module.modules()
-            if isinstance(m, tuple(_block_types(module)))
+            if isinstance(m, blocks)
             for p in m.parameters()
             if p.requires_grad
         )
@@ -255,3 +256,27 @@ def communication(
         return {"total": inside, "across nodes": inside * ring(nodes) if nodes > 1 else 0.0}
     across = 2 * ring(nodes) * grads / per_node * micro_batches  # hybrid: gradient shards
     return {"total": inside + across, "across nodes": across}
+
+
+def step_shape(module, cfg) -> StepShape:
+    """The configured per-rank batch at its longest clip (data.max_seconds) and target."""
+    from sparqle.prompts import TRANSCRIBE, instruction
+
+    data = cfg.data
+    batch = int(data.get("batch_size", 8))
+    seconds = float(data.get("max_seconds") or 30.0)
+    prompt = target = 0
+    if module.model.llm is not None:
+        before, after = module.model.llm.prompt_ids(instruction(TRANSCRIBE))
+        prompt = len(before) + len(after)
+        target = int(cfg.llm.get("max_target_tokens") or 128) + 1
+    text = int(cfg.stage.get("pretrain", {}).get("max_text_tokens") or 64)
+    return StepShape(batch, seconds, prompt, target, text)
+
+
+def configured_strategy(strategy, world: int) -> str:
+    """fsdp / hybrid / ddp / single, from `trainer.strategy` (a name or a `_target_` config)."""
+    target = strategy if isinstance(strategy, str) or strategy is None else strategy.get("_target_")
+    if target and "FSDP" in str(target):
+        return "hybrid" if strategy.get("sharding") == "hybrid" else "fsdp"
+    return "ddp" if world > 1 or (target and "ddp" in str(target).lower()) else "single"
