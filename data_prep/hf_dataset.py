@@ -19,7 +19,6 @@ import argparse
 import glob
 import io
 import math
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,17 @@ from typing import Any
 
 import soundfile as sf
 
-from data_prep.clips import SAMPLE_RATE, clip_id, write_clip, written_seconds
+from data_prep.clips import (
+    SAMPLE_RATE,
+    clip_id,
+    finish_split,
+    language_map,
+    write_clip,
+    written_seconds,
+)
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import AudioError, encode_flac, load_audio
-from sparqle.data.manifest import Utterance, write_manifest
+from sparqle.data.manifest import Utterance
 
 
 @dataclass(frozen=True)
@@ -221,16 +227,6 @@ def _checked(rows: Iterable[dict[str, Any]], columns: Columns) -> Iterator[dict[
     yield from it
 
 
-def _translations(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        lang, sep, col = pair.partition("=")
-        if not sep or not lang or not col:
-            raise ValueError(f"--translation {pair}: expected LANG=COLUMN, e.g. de=translation")
-        out[lang] = col
-    return out
-
-
 @reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -254,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     columns = Columns(
         audio=args.audio or base.audio,
         text=args.text or base.text,
-        translation=_translations(args.translation) or base.translation,
+        translation=language_map(args.translation, "--translation", "de=translation")
+        or base.translation,
         speaker=args.speaker or base.speaker,
         id=args.id or base.id,
         lang=args.lang or base.lang,
@@ -262,13 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(source) if Path(source).is_dir() else None
     rows = open_rows(source, args.split, args.name or preset.get("name"))
     utts, skipped = convert(rows, columns, args.split, args.out, base=folder)
-    write_manifest(args.out / f"{args.split}.jsonl", utts)
-    hours = sum(u.duration or 0 for u in utts) / 3600
-    print(
-        f"{args.split}: {len(utts)} clips, {hours:.2f} h -> {args.out / f'{args.split}.jsonl'}; "
-        f"skipped {skipped}",
-        file=sys.stderr,
-    )
+    finish_split(args.out, args.split, utts, skipped)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,22 @@ cannot be read or that hold no text are skipped and counted; a rerun writes the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.clips import SAMPLE_RATE, clip_id, write_clip, written_seconds
+from data_prep.clips import (
+    SAMPLE_RATE,
+    clip_id,
+    finish_split,
+    language_map,
+    write_clip,
+    written_seconds,
+)
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import encode_flac, resample
-from sparqle.data.manifest import Utterance, write_manifest
+from sparqle.data.manifest import Utterance
 
 
 def open_cuts(cuts: Path | None, recordings: Path | None, supervisions: Path | None):
@@ -145,21 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         "--translation", action="append", default=[], help="LANG=FIELD of supervision.custom"
     )
     args = p.parse_args(argv)
-    fields = {}
-    for pair in args.translation:
-        lang, sep, name = pair.partition("=")
-        if not (sep and lang and name):
-            raise ValueError(f"--translation {pair}: expected LANG=FIELD, e.g. de=translation_de")
-        fields[lang] = name
+    fields = language_map(args.translation, "--translation", "de=translation_de")
     cuts = open_cuts(args.cuts, args.recordings, args.supervisions)
     utts, skipped = convert(cuts, args.split, args.out, args.channel, fields)
-    write_manifest(args.out / f"{args.split}.jsonl", utts)
-    hours = sum(u.duration or 0 for u in utts) / 3600
-    print(
-        f"{args.split}: {len(utts)} clips, {hours:.2f} h -> {args.out / f'{args.split}.jsonl'}; "
-        f"skipped {skipped}",
-        file=sys.stderr,
-    )
+    finish_split(args.out, args.split, utts, skipped)
 
 
 if __name__ == "__main__":
