@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from data_prep.synth_speech import synthesise  # noqa: E402
-from sparqle.build import build_module  # noqa: E402
 from sparqle.data.manifest import write_manifest  # noqa: E402
 from sparqle.data.manifest_datamodule import ManifestDataModule  # noqa: E402
+from sparqle.random_model import build_module  # noqa: E402
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparqle.build import build_module  # noqa: E402
 from sparqle.memory_plan import (  # noqa: E402
     GiB,
     communication,
@@ -27,6 +26,7 @@ from sparqle.memory_plan import (  # noqa: E402
     plan,
     step_shape,
 )
+from sparqle.random_model import build_module  # noqa: E402
 
 ROWS = (
     "frozen weights",

@@ -29,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 
 from sparqle import flops  # noqa: E402
-from sparqle.build import build_module  # noqa: E402
 from sparqle.data.batch import Batch  # noqa: E402
+from sparqle.random_model import build_module  # noqa: E402
 
 
 def cpu_peak_flops(dtype: torch.dtype) -> float:

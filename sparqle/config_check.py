@@ -12,13 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sparqle.data.tasks import TEXT_CASES
+
 # what some keys may be, stated here once: the modules that act on them import these names
-# (sparqle.build STAGES, sparqle.optim SCHEDULES, sparqle.data.tasks TEXT_CASES). Nothing heavier
-# than omegaconf at import: `train.py --cfg job` and a config error answer before torch loads.
+# (sparqle.build STAGES, sparqle.optim SCHEDULES). Nothing that loads torch at import:
+# `train.py --cfg job` and a config error answer before it loads.
 STAGES = ("pretrain", "instruct")
 LR_SCALINGS = ("none", "linear", "sqrt")
 SCHEDULES = ("constant", "cosine", "linear")
-TEXT_CASES = (None, "lower")
 
 
 def check_devices(trainer: DictConfig) -> None:

@@ -131,7 +131,6 @@ def _name(path: Any) -> str:
 
 def make_plan(overrides: list[str], gpu: str = "h100", mfu: float | None = None) -> dict[str, Any]:
     """The plan as a dict (what `--json` prints)."""
-    from sparqle.build import build_module
     from sparqle.memory_plan import (
         communication,
         configured_strategy,
@@ -139,6 +138,7 @@ def make_plan(overrides: list[str], gpu: str = "h100", mfu: float | None = None)
         plan,
         step_shape,
     )
+    from sparqle.random_model import build_module
 
     module, cfg = build_module(overrides, meta=True)
     trainer = cfg.trainer

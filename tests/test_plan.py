@@ -24,9 +24,9 @@ def _tiny(tiny_dir, synth_data, *extra):
 
 
 def test_the_plan_adds_up_from_the_memory_plan_and_the_flop_count(tiny_dir, synth_data):
-    from sparqle.build import build_module
     from sparqle.flops import step_work
     from sparqle.memory_plan import plan, step_shape
+    from sparqle.random_model import build_module
 
     overrides = _tiny(tiny_dir, synth_data)
     p = make_plan(overrides, "a100")

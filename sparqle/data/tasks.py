@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from sparqle.config_check import TEXT_CASES
 from sparqle.data.manifest import Utterance
 from sparqle.prompts import TRANSCRIBE, TRANSLATE, instruction, parse_task
+
+TEXT_CASES = (None, "lower")
 
 
 def cased(text: str, text_case: str | None) -> str:
