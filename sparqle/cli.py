@@ -62,9 +62,21 @@ def say_progress(name: str = "sparqle") -> None:
     commands configure logging themselves."""
     import logging
 
+    class Stderr(logging.StreamHandler):
+        """Writes to sys.stderr as it is at each line (a caller that swaps it, as pytest's
+        capture or a notebook does, would otherwise leave the handler on a closed stream)."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger(name)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

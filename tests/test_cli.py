@@ -33,3 +33,23 @@ def test_each_command_reports_a_user_error_in_one_line(broken_manifest, tmp_path
         assert proc.returncode == 2, (argv, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert lines[-1].startswith("error: ") and named in lines[-1], lines
+
+
+def test_progress_lines_follow_stderr_when_it_is_swapped(monkeypatch):
+    """An argparse command run in-process (a test's capture, a notebook) and then another one:
+    the progress handler writes to the stderr of the moment, not a closed one."""
+    import io
+    import logging
+
+    from sparqle.cli import say_progress
+
+    logger = logging.getLogger("sparqle")  # as it was after the test: other tests' caplog
+    for attr in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(logger, attr, [] if attr == "handlers" else getattr(logger, attr))
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    say_progress()
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("sparqle.test").info("loaded")
+    assert second.getvalue() == "loaded\n"
