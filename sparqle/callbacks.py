@@ -31,8 +31,9 @@ PACKAGES = (
 
 class SpeechThroughput(L.Callback):
     """Logs audio seconds/s, samples/s, LLM tokens/s, estimated MFU and peak GPU memory, and
-    `train/data_wait`: the fraction of each window the loop spent between one batch's end and the
-    next one's start, waiting for its data (gaps around validation and checkpoint saves left out).
+    `train/data_wait`: the fraction of each window rank 0's loop spent between one batch's end and
+    the next one's start, waiting for its data (gaps around validation and checkpoint saves left
+    out; another rank's starved loader shows on rank 0 as a longer step, inside the all-reduce).
     A window above `starved` for `patience` windows in a row says so in one line, with the knobs.
 
     Reads the `work` the training step returns with its loss (audio_seconds, samples,

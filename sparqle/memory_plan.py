@@ -123,7 +123,7 @@ def activation_bytes(
         heads = cfg.num_attention_heads
         kv = cfg.num_key_value_heads * (cfg.hidden_size // heads)
         tokens = shape.batch * (
-            shape.prompt_tokens + _speech_slots(model, frames) + shape.target_tokens
+            shape.prompt_tokens + speech_slots(model, frames) + shape.target_tokens
         )
         per_token = frozen_decoder_layer_bytes(cfg.hidden_size, kv, cfg.intermediate_size, heads, b)
         if checkpointed is None:
@@ -137,7 +137,8 @@ def activation_bytes(
     return out
 
 
-def _speech_slots(model, frames: int) -> int:
+def speech_slots(model, frames: int) -> int:
+    """The LLM positions the adapter fills for `frames` encoder frames."""
     qformer = getattr(model.adapter, "qformer", None)
     if qformer is not None and hasattr(model.adapter, "window"):
         return -(-frames // model.adapter.stride) * qformer.num_queries

@@ -85,18 +85,17 @@ def data_size(data: Any) -> dict[str, Any] | None:
 
 def step_flops(module, shape, seconds: float) -> float:
     """FLOPs of one micro-batch of `shape.batch` clips of `seconds` on one GPU."""
-    from sparqle import flops
-    from sparqle.memory_plan import _speech_slots
-
-    model = module.model
-    encoder = model.encoder
-    samples = int(seconds * encoder.sample_rate)
     import torch
 
+    from sparqle import flops
+    from sparqle.memory_plan import speech_slots
+
+    model, encoder = module.model, module.model.encoder
+    samples = int(seconds * encoder.sample_rate)
     frames = int(encoder.output_lengths(torch.tensor([samples])).item())
     losses: dict[str, Any] = {"text_lengths": [shape.text_tokens] * shape.batch}
     if model.llm is not None:
-        row = shape.prompt_tokens + _speech_slots(model, frames) + shape.target_tokens
+        row = shape.prompt_tokens + speech_slots(model, frames) + shape.target_tokens
         losses = {"llm_rows": [row] * shape.batch, "llm_scored_from": row - shape.target_tokens}
     return flops.step_work(model, [samples] * shape.batch, losses)
 
