@@ -1,41 +1,43 @@
-"""A Hugging Face `datasets` audio corpus -> JSONL manifest + 16 kHz FLAC clips, ready for
-`data_prep.make_shards` (or `data=manifest`).
+"""A Hugging Face `datasets` audio corpus -> JSONL manifest + 16 kHz FLAC clips (`data=manifest`),
+and with `--shards DIR` on into webdataset shards + index (`data_prep.make_shards`'s own).
 
     python -m data_prep.hf_dataset --preset librispeech --split train.clean.100 --out DIR
     python -m data_prep.hf_dataset --source DIR_OR_FILES --split train --out DIR \\
-        --audio audio --text sentence --translation de=translation --speaker client_id --id id
+        --audio audio --text sentence --translation de=translation --speaker client_id --id id \\
+        [--workers N] [--shards DIR [--shard-size-mb S] [--seed S]]
 
 `--source` is a hub name (read from the local HF cache: no network), a `save_to_disk` folder, or
 parquet/arrow files (a glob, or several). Hub names and files are streamed row by row. Audio is
 read as stored (the `Audio` feature's bytes or path, never decoded by `datasets`); what is already
 16 kHz mono FLAC is written as it is, anything else is decoded, mixed to mono and resampled.
 Rows with undecodable audio, empty or missing text (or a missing translation) are skipped and
-counted. A rerun writes the same files byte for byte and reuses clips already written.
+counted. Clips are decoded and written by `--workers` processes, a window of rows at a time. A
+rerun writes the same files byte for byte and reuses clips (and shards) already written.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import io
 import math
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
-
 from data_prep.clips import (
-    SAMPLE_RATE,
     clip_id,
     finish_split,
+    flac16k,
     language_map,
+    ordered_map,
     write_clip,
     written_seconds,
 )
+from data_prep.make_shards import add_shard_flags, shards_from_flags
 from sparqle.cli import reports_user_errors
-from sparqle.data.audio import AudioError, encode_flac, load_audio
+from sparqle.data.audio import AudioError
 from sparqle.data.manifest import Utterance
 
 
@@ -142,69 +144,69 @@ def _stored(cell: Any, base: Path | None) -> bytes | str:
     raise AudioError("no audio bytes or path in the row")
 
 
-def _flac16k(encoded: bytes | str) -> tuple[bytes, float]:
-    """16 kHz mono 16-bit FLAC of a clip and its seconds; FLAC that already is kept byte for byte."""
-    raw = encoded if isinstance(encoded, bytes) else None
-    if raw is None and str(encoded).endswith(".flac") and Path(encoded).is_file():
-        raw = Path(encoded).read_bytes()
-    if raw is not None and raw[:4] == b"fLaC":
-        try:
-            info = sf.info(io.BytesIO(raw))
-        except RuntimeError as exc:
-            raise AudioError(f"cannot decode audio ({exc})") from exc
-        if info.samplerate == SAMPLE_RATE and info.channels == 1 and info.subtype == "PCM_16":
-            if info.frames == 0:
-                raise AudioError("empty audio")
-            return raw, info.frames / SAMPLE_RATE
-    samples = load_audio(raw if raw is not None else encoded, SAMPLE_RATE)
-    return encode_flac(samples, SAMPLE_RATE), samples.size / SAMPLE_RATE
-
-
 def convert(
     rows: Iterable[dict[str, Any]],
     columns: Columns,
     split: str,
     out: Path,
     base: Path | None = None,
+    workers: int = 1,
 ) -> tuple[list[Utterance], dict[str, int]]:
-    """Rows -> clips under OUT/audio and their manifest entries; skipped rows counted by reason."""
+    """Rows -> clips under OUT/audio (decoded in `workers` processes) and their manifest entries;
+    skipped rows counted by reason."""
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    utts: list[Utterance] = []
     skipped = {"undecodable audio": 0, "empty text": 0, "missing translation": 0}
-    seen: set[str] = set()
-    for i, row in enumerate(_checked(rows, columns)):
-        text = _text(row.get(columns.text))
-        if text is None:
-            skipped["empty text"] += 1
-            continue
-        translation = {lang: _text(row.get(col)) for lang, col in columns.translation.items()}
-        if any(v is None for v in translation.values()):
-            skipped["missing translation"] += 1
-            continue
-        uid = clip_id(row.get(columns.id) if columns.id else None, split, i, seen)
-        target = audio_dir / f"{uid}.flac"
-        try:
-            seconds = written_seconds(target)  # a rerun: the clip is written already
-            if seconds is None:
-                flac, seconds = _flac16k(_stored(row.get(columns.audio), base))
-                write_clip(target, flac)
-        except AudioError:
+    pending: deque[Utterance] = deque()  # the entries whose clips are being written, in order
+
+    def clips() -> Iterator[tuple[Path, Any, Path | None]]:
+        seen: set[str] = set()
+        for i, row in enumerate(_checked(rows, columns)):
+            text = _text(row.get(columns.text))
+            if text is None:
+                skipped["empty text"] += 1
+                continue
+            translation = {lang: _text(row.get(col)) for lang, col in columns.translation.items()}
+            if any(v is None for v in translation.values()):
+                skipped["missing translation"] += 1
+                continue
+            uid = clip_id(row.get(columns.id) if columns.id else None, split, i, seen)
+            speaker = row.get(columns.speaker) if columns.speaker else None
+            pending.append(
+                Utterance(
+                    id=uid,
+                    audio=f"audio/{uid}.flac",
+                    text=text,
+                    translation=translation,
+                    speaker=None if speaker is None else str(speaker),
+                    lang=columns.lang,
+                )
+            )
+            yield audio_dir / f"{uid}.flac", row.get(columns.audio), base
+
+    utts: list[Utterance] = []
+    for seconds in ordered_map(_write_clip, clips(), workers):
+        utt = pending.popleft()
+        if seconds is None:
             skipped["undecodable audio"] += 1
             continue
-        speaker = row.get(columns.speaker) if columns.speaker else None
-        utts.append(
-            Utterance(
-                id=uid,
-                audio=f"audio/{uid}.flac",
-                text=text,
-                translation=translation,
-                speaker=None if speaker is None else str(speaker),
-                duration=round(seconds, 4),
-                lang=columns.lang,
-            )
-        )
+        utt.duration = round(seconds, 4)
+        utts.append(utt)
     return utts, skipped
+
+
+def _write_clip(job: tuple[Path, Any, Path | None]) -> float | None:
+    """One row's clip written (or found written by a previous run): its seconds; None if its
+    audio cannot be decoded."""
+    target, cell, base = job
+    try:
+        seconds = written_seconds(target)
+        if seconds is None:
+            flac, seconds = flac16k(_stored(cell, base))
+            write_clip(target, flac)
+        return seconds
+    except AudioError:
+        return None
 
 
 def _checked(rows: Iterable[dict[str, Any]], columns: Columns) -> Iterator[dict[str, Any]]:
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speaker", help="the speaker column")
     p.add_argument("--id", help="the id column (else SPLIT_ROW)")
     p.add_argument("--lang", help="the speech's language (default en)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding clips / shards")
+    add_shard_flags(p)
     args = p.parse_args(argv)
     preset = PRESETS.get(args.preset, {})
     source = args.source or preset.get("source")
@@ -258,8 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     folder = Path(source) if Path(source).is_dir() else None
     rows = open_rows(source, args.split, args.name or preset.get("name"))
-    utts, skipped = convert(rows, columns, args.split, args.out, base=folder)
+    utts, skipped = convert(rows, columns, args.split, args.out, base=folder, workers=args.workers)
     finish_split(args.out, args.split, utts, skipped)
+    shards_from_flags(args, args.out / f"{args.split}.jsonl")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Lhotse manifests (NeMo, k2/icefall, ESPnet recipes) -> JSONL manifest + 16 kHz FLAC clips.
+"""Lhotse manifests (NeMo, k2/icefall, ESPnet recipes) -> JSONL manifest + 16 kHz FLAC clips,
+and with `--shards DIR` on into webdataset shards + index (`data_prep.make_shards`'s own).
 
-    python -m data_prep.lhotse --cuts cuts_train.jsonl.gz --split train --out DIR
+    python -m data_prep.lhotse --cuts cuts_train.jsonl.gz --split train --out DIR \\
+        [--workers N] [--shards DIR [--shard-size-mb S] [--seed S]]
+    python -m data_prep.lhotse --shar SHAR_DIR --split train --out DIR
     python -m data_prep.lhotse --recordings recordings.jsonl.gz --supervisions sups.jsonl.gz \\
         --split train --out DIR [--channel 0] [--translation de=translation_de]
 
@@ -14,6 +17,8 @@ cannot be read or that hold no text are skipped and counted; a rerun writes the 
 from __future__ import annotations
 
 import argparse
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +29,30 @@ from data_prep.clips import (
     clip_id,
     finish_split,
     language_map,
+    ordered_map,
     write_clip,
     written_seconds,
 )
+from data_prep.make_shards import add_shard_flags, shards_from_flags
 from sparqle.cli import reports_user_errors
 from sparqle.data.audio import encode_flac, resample
 from sparqle.data.manifest import Utterance
 
 
-def open_cuts(cuts: Path | None, recordings: Path | None, supervisions: Path | None):
-    """A CutSet: a cuts manifest as it is, or one cut per supervision of the recordings."""
+def open_cuts(
+    cuts: Path | None,
+    recordings: Path | None,
+    supervisions: Path | None,
+    shar: Path | None = None,
+):
+    """A CutSet: a cuts manifest as it is, a Lhotse Shar folder (its cuts with the audio its
+    tar shards hold), or one cut per supervision of the recordings."""
     from lhotse import CutSet, RecordingSet, SupervisionSet
+
+    if shar is not None:
+        if not sorted(Path(shar).glob("cuts.*.jsonl*")):
+            raise FileNotFoundError(f"--shar {shar}: no Lhotse Shar folder (no cuts.*.jsonl.gz)")
+        return CutSet.from_shar(in_dir=shar)
 
     for flag, path in (
         ("--cuts", cuts),
@@ -46,7 +64,7 @@ def open_cuts(cuts: Path | None, recordings: Path | None, supervisions: Path | N
     if cuts is not None:
         return CutSet.from_file(cuts)
     if recordings is None or supervisions is None:
-        raise ValueError("give --cuts, or --recordings and --supervisions")
+        raise ValueError("give --cuts, --shar, or --recordings and --supervisions")
     pairs = CutSet.from_manifests(
         recordings=RecordingSet.from_file(recordings),
         supervisions=SupervisionSet.from_file(supervisions),
@@ -81,55 +99,73 @@ def _mono(samples: np.ndarray, channel: int | None, cut_id: str) -> np.ndarray:
 
 
 def convert(
-    cuts, split: str, out: Path, channel: int | None = None, fields: dict[str, str] | None = None
+    cuts,
+    split: str,
+    out: Path,
+    channel: int | None = None,
+    fields: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> tuple[list[Utterance], dict[str, int]]:
-    """Cuts -> clips under OUT/audio and their manifest entries; skipped cuts counted by reason."""
+    """Cuts -> clips under OUT/audio (read in `workers` processes) and their manifest entries;
+    skipped cuts counted by reason."""
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    utts: list[Utterance] = []
     skipped = {"unreadable audio": 0, "empty text": 0, "missing translation": 0}
-    seen: set[str] = set()
-    for i, cut in enumerate(cuts):
-        sups = sorted(cut.supervisions, key=lambda s: s.start)
-        text = " ".join(" ".join((s.text or "").split()) for s in sups).strip()
-        if not text:
-            skipped["empty text"] += 1
-            continue
-        translation = _translations(sups, fields or {})
-        if translation is None:
-            skipped["missing translation"] += 1
-            continue
-        uid = clip_id(cut.id, split, i, seen)
-        target = audio_dir / f"{uid}.flac"
-        seconds = written_seconds(target)
-        if seconds is None:
-            try:
-                samples = cut.load_audio()
-            except (
-                Exception
-            ):  # a missing or corrupt file, a truncated recording: lhotse raises many
-                skipped["unreadable audio"] += 1
+    pending: deque[Utterance] = deque()  # the entries whose clips are being written, in order
+
+    def clips() -> Iterator[tuple[Any, Path, int | None]]:
+        seen: set[str] = set()
+        for i, cut in enumerate(cuts):
+            sups = sorted(cut.supervisions, key=lambda s: s.start)
+            text = " ".join(" ".join((s.text or "").split()) for s in sups).strip()
+            if not text:
+                skipped["empty text"] += 1
                 continue
-            clip = resample(_mono(samples, channel, cut.id), cut.sampling_rate, SAMPLE_RATE)
-            if clip.size == 0 or not np.isfinite(clip.sum()):
-                skipped["unreadable audio"] += 1
+            translation = _translations(sups, fields or {})
+            if translation is None:
+                skipped["missing translation"] += 1
                 continue
-            write_clip(target, encode_flac(clip, SAMPLE_RATE))
-            seconds = clip.size / SAMPLE_RATE
-        speaker = next((s.speaker for s in sups if s.speaker), None)
-        lang = next((s.language for s in sups if s.language), None)
-        utts.append(
-            Utterance(
-                id=uid,
-                audio=f"audio/{uid}.flac",
-                text=text,
-                translation=translation,
-                speaker=speaker,
-                duration=round(seconds, 4),
-                lang=_iso(lang) if lang else "en",
+            uid = clip_id(cut.id, split, i, seen)
+            lang = next((s.language for s in sups if s.language), None)
+            pending.append(
+                Utterance(
+                    id=uid,
+                    audio=f"audio/{uid}.flac",
+                    text=text,
+                    translation=translation,
+                    speaker=next((s.speaker for s in sups if s.speaker), None),
+                    lang=_iso(lang) if lang else "en",
+                )
             )
-        )
+            yield cut, audio_dir / f"{uid}.flac", channel
+
+    utts: list[Utterance] = []
+    for seconds in ordered_map(_write_clip, clips(), workers):
+        utt = pending.popleft()
+        if seconds is None:
+            skipped["unreadable audio"] += 1
+            continue
+        utt.duration = round(seconds, 4)
+        utts.append(utt)
     return utts, skipped
+
+
+def _write_clip(job: tuple[Any, Path, int | None]) -> float | None:
+    """One cut's clip written (or found written by a previous run): its seconds; None if its
+    audio cannot be read."""
+    cut, target, channel = job
+    seconds = written_seconds(target)
+    if seconds is not None:
+        return seconds
+    try:
+        samples = cut.load_audio()
+    except Exception:  # a missing or corrupt file, a truncated recording: lhotse raises many
+        return None
+    clip = resample(_mono(samples, channel, cut.id), cut.sampling_rate, SAMPLE_RATE)
+    if clip.size == 0 or not np.isfinite(clip.sum()):
+        return None
+    write_clip(target, encode_flac(clip, SAMPLE_RATE))
+    return clip.size / SAMPLE_RATE
 
 
 def _iso(language: str) -> str:
@@ -144,17 +180,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cuts", type=Path, help="a CutSet manifest (jsonl or jsonl.gz)")
     p.add_argument("--recordings", type=Path, help="a RecordingSet manifest")
     p.add_argument("--supervisions", type=Path, help="a SupervisionSet manifest")
+    p.add_argument("--shar", type=Path, help="a Lhotse Shar folder (cuts + recording shards)")
     p.add_argument("--split", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--channel", type=int, default=None, help="keep this channel (default: mix)")
     p.add_argument(
         "--translation", action="append", default=[], help="LANG=FIELD of supervision.custom"
     )
+    p.add_argument("--workers", type=int, default=1, help="processes reading clips / shards")
+    add_shard_flags(p)
     args = p.parse_args(argv)
     fields = language_map(args.translation, "--translation", "de=translation_de")
-    cuts = open_cuts(args.cuts, args.recordings, args.supervisions)
-    utts, skipped = convert(cuts, args.split, args.out, args.channel, fields)
+    cuts = open_cuts(args.cuts, args.recordings, args.supervisions, args.shar)
+    utts, skipped = convert(cuts, args.split, args.out, args.channel, fields, args.workers)
     finish_split(args.out, args.split, utts, skipped)
+    shards_from_flags(args, args.out / f"{args.split}.jsonl")
 
 
 if __name__ == "__main__":

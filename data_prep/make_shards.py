@@ -7,7 +7,8 @@
 
 Writes DIR/NAME-000000.tar ... and DIR/NAME.json. Each shard is written under a temporary
 name and renamed when complete, with its statistics beside it (NAME-000000.tar.stats.json), so
-a killed run leaves no half shard and a rerun skips the finished ones. The sample order is a
+a killed run leaves no half shard and a rerun skips the finished ones. Clips that already are
+16 kHz mono 16-bit FLAC go in byte for byte; anything else is decoded, mixed and resampled. The sample order is a
 seeded shuffle of the manifest, so the output is the same for the same inputs and seed.
 
 With --jobs J the shards still to write are dealt to J jobs of a submitit job array (a SLURM
@@ -33,8 +34,9 @@ from pathlib import Path
 import webdataset as wds
 from rich.progress import Progress
 
+from data_prep.clips import SAMPLE_RATE, flac16k
 from sparqle.cli import reports_user_errors
-from sparqle.data.audio import AudioError, encode_flac, load_audio
+from sparqle.data.audio import AudioError
 from sparqle.data.manifest import Utterance, read_manifest
 from sparqle.data.shards import (
     SHARD_PATTERN,
@@ -47,7 +49,6 @@ from sparqle.data.shards import (
     write_index,
 )
 
-SAMPLE_RATE = 16000
 FLAC_BYTES_PER_SECOND = 20_000  # 16 kHz 16-bit speech compresses to ~15-25 kB/s
 
 
@@ -66,7 +67,7 @@ def write_shard(path: Path, utterances: list[Utterance]) -> ShardStats:
                 stats.skipped["no text"] = stats.skipped.get("no text", 0) + 1
                 continue
             try:
-                audio = load_audio(utt.audio, SAMPLE_RATE, name=utt.id)
+                flac, duration = flac16k(utt.audio, name=utt.id)
             except AudioError as exc:
                 reason = (
                     "empty audio"
@@ -78,11 +79,10 @@ def write_shard(path: Path, utterances: list[Utterance]) -> ShardStats:
                 stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
                 print(f"skipping {exc}", file=sys.stderr)
                 continue
-            duration = len(audio) / SAMPLE_RATE
             sink.write(
                 {
                     "__key__": _key(utt),
-                    "flac": encode_flac(audio, SAMPLE_RATE),
+                    "flac": flac,
                     "json": sample_metadata(utt, duration),
                 }
             )
@@ -223,6 +223,33 @@ def make_shards(
     )
 
 
+def add_shard_flags(p: argparse.ArgumentParser) -> None:
+    """The corpus readers' `--shards DIR`: their split straight on into shards (--workers)."""
+    p.add_argument("--shards", type=Path, help="also write the split as shards + index here")
+    p.add_argument("--shard-size-mb", type=float, default=200.0)
+    p.add_argument("--seed", type=int, default=0, help="the shards' sample order")
+
+
+def shards_from_flags(args: argparse.Namespace, manifest: Path) -> dict | None:
+    """A corpus reader's manifest into `--shards` (None without the flag)."""
+    if args.shards is None:
+        return None
+    index = make_shards(
+        manifest, args.shards, args.split, args.workers, args.shard_size_mb, args.seed
+    )
+    say_index(args.split, index)
+    return index
+
+
+def say_index(split: str, index: dict) -> None:
+    print(
+        f"{split}: {index['num_samples']} samples, {index['hours']:.3f} h in "
+        f"{len(index['shards'])} shards"
+        + (f"; skipped {index['skipped']}" if index["skipped"] else ""),
+        file=sys.stderr,
+    )
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -261,11 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         args.partition,
         args.timeout_min,
     )
-    print(
-        f"{args.split}: {index['num_samples']} samples, {index['hours']:.3f} h in {len(index['shards'])} shards"
-        + (f"; skipped {index['skipped']}" if index["skipped"] else ""),
-        file=sys.stderr,
-    )
+    say_index(args.split, index)
     if args.remote_url:
         remote = args.out / f"{args.split}.remote.json"
         remote_index(args.out / f"{args.split}.json", args.remote_url, remote)

@@ -1,6 +1,8 @@
 """data_prep.lhotse on manifests built here: synthesised utterances placed inside two longer
 recordings (one stereo), a supervision per utterance, a recording whose file is gone."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -131,3 +133,28 @@ def test_missing_manifests_and_bad_flags_are_one_line(tmp_path, capsys):
             main([*argv, "--split", "train", "--out", str(tmp_path)])
         assert exit_.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {named}")
+
+
+def test_a_shar_folder_gives_the_cuts_clips_and_goes_on_into_shards(
+    lhotse_sources, tmp_path, capsys
+):
+    """Lhotse Shar (cuts + FLAC recording shards, as `CutSet.to_shar` writes them): the same clips
+    as the cuts manifest, read by 2 workers, then --shards writes make_shards' shards."""
+    from lhotse import CutSet
+
+    cuts, _, _, _ = lhotse_sources
+    shar = tmp_path / "shar"
+    readable = CutSet.from_file(cuts).filter(lambda c: c.recording_id != "gone")
+    shar.mkdir()
+    readable.to_shar(shar, fields={"recording": "flac"}, shard_size=2)
+    main(["--cuts", str(cuts), "--split", "train", "--out", str(tmp_path / "a")])
+    argv = ["--shar", str(shar), "--split", "train", "--out", str(tmp_path / "b"), "--workers", "2"]
+    main([*argv, "--shards", str(tmp_path / "shards")])
+    said = capsys.readouterr().err
+    assert "train: 6 samples" in said
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert json.loads((tmp_path / "shards" / "train.json").read_text())["num_samples"] == 6
+    with pytest.raises(SystemExit) as exit_:
+        main(["--shar", str(tmp_path), "--split", "train", "--out", str(tmp_path / "c")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --shar ")
