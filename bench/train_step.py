@@ -44,6 +44,59 @@ def cpu_peak_flops(dtype: torch.dtype) -> float:
     return best
 
 
+def synthetic_batch(module, batch: int, seconds: float, target_words: int) -> Batch:
+    """`batch` utterances of `seconds` of noise with a `target_words` transcript, laid out on the
+    host as training lays it out, audio on the module's device."""
+    n = int(seconds * module.model.encoder.sample_rate)
+    words = "the small dog sees the old red car today".split()
+    text = " ".join(words[j % len(words)] for j in range(target_words))
+    out = Batch(
+        id=[str(i) for i in range(batch)],
+        text=[text] * batch,
+        task=["transcribe"] * batch,
+        lang=["en"] * batch,
+        instruction=["Transcribe the speech."] * batch,
+        target=[text] * batch,
+        audio=torch.randn(batch, n) * 0.1,
+        audio_lens=torch.full((batch,), n),
+    )
+    out = module.on_before_batch_transfer(out)  # host-side layout and counts, as in training
+    out.audio, out.audio_lens = out.audio.to(module.device), out.audio_lens.to(module.device)
+    return out
+
+
+def time_steps(
+    module, batch: Batch, steps: int, warmup: int, precision: str = "32"
+) -> tuple[float, dict]:
+    """Seconds per training step (forward, backward, AdamW) after `warmup` steps, and the last
+    step's outputs."""
+    device = module.device
+    module.train()
+    params = [q for q in module.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with autocast:
+            out = module.model_step(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps, out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -63,47 +116,9 @@ def main() -> None:
     device = module.device
     if args.precision is None:  # the MFU denominator is the peak of the precision that runs
         args.precision = "bf16" if device.type == "cuda" else "32"
-    module.train()
-    sr = module.model.encoder.sample_rate
-    n = int(args.seconds * sr)
-    words = "the small dog sees the old red car today".split()
-    text = " ".join(words[j % len(words)] for j in range(args.target_words))
-    batch = Batch(
-        id=[str(i) for i in range(args.batch)],
-        text=[text] * args.batch,
-        task=["transcribe"] * args.batch,
-        lang=["en"] * args.batch,
-        instruction=["Transcribe the speech."] * args.batch,
-        target=[text] * args.batch,
-        audio=torch.randn(args.batch, n) * 0.1,
-        audio_lens=torch.full((args.batch,), n),
-    )
-    batch = module.on_before_batch_transfer(batch)  # host-side layout and counts, as in training
-    batch.audio, batch.audio_lens = batch.audio.to(device), batch.audio_lens.to(device)
-    params = [q for q in module.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    batch = synthetic_batch(module, args.batch, args.seconds, args.target_words)
+    dt, out = time_steps(module, batch, args.steps, args.warmup, args.precision)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    def step():
-        with autocast:
-            out = module.model_step(batch)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out
-
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        out = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / args.steps
     stats = {
         "audio_seconds": batch.audio_seconds,
         "llm_tokens": float(out.get("llm_tokens", 0)),

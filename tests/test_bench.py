@@ -30,6 +30,10 @@ def outputs(tiny_dir, synth_data, trained, tmp_path_factory):
         "eval_throughput": [tiny, "--n", "8", "--batch", "4", "--new-tokens", "4"],
         "cpu_bf16": ["--batch", "2", "--seconds", "1", "--tokens", "8", "--repeats", "1"],
         "saved_activations": ["--batch", "2", tiny],
+        "plan_vs_step": [
+            *("experiment=tiny", "stage=instruct", tiny, "--shapes", "4x2", "2x4"),
+            *("--steps", "1", "--warmup", "1"),
+        ],
     }
     done = run_side_by_side([[f"bench/{name}.py", *args] for name, args in benches.items()])
     for name, proc in zip(benches, done, strict=True):
@@ -113,3 +117,15 @@ def test_saved_activations_bench(outputs):
     kept, recomputed = (int(m.replace(",", "")) for m in re.findall(r":\s+([\d,]+) elements", out))
     losses = re.findall(r"loss ([\d.]+)", out)
     assert kept >= 3 * recomputed and losses[0] == losses[1]
+
+
+def test_plan_vs_step_bench(outputs):
+    """The plan's FLOPs and activation memory, computed from shapes alone, agree with what a real
+    step of the same shapes counts and saves (timings are printed, not asserted)."""
+    out = outputs["plan_vs_step"]
+    rows = json.loads(out[out.index("{") :])["rows"]
+    assert [r["shape"] for r in rows] == ["4x2", "2x4"]
+    for r in rows:
+        assert r["planned_gflop"] == pytest.approx(r["counted_gflop"], rel=0.05), r
+        assert 0.7 < r["planned_activation_mib"] / r["saved_activation_mib"] < 1.5, r
+        assert r["predicted_step_s"] > 0 and r["measured_step_s"] > 0
