@@ -31,10 +31,13 @@ PACKAGES = (
 
 class SpeechThroughput(L.Callback):
     """Logs audio seconds/s, samples/s, LLM tokens/s, estimated MFU and peak GPU memory, and
-    `train/data_wait`: the fraction of each window rank 0's loop spent between one batch's end and
+    `train/data_wait`: the fraction of each window a rank's loop spent between one batch's end and
     the next one's start, waiting for its data (gaps around validation and checkpoint saves left
-    out; another rank's starved loader shows on rank 0 as a longer step, inside the all-reduce).
-    A window above `starved` for `patience` windows in a row says so in one line, with the knobs.
+    out), the largest over the ranks: one rank's starved loader holds every rank back (the others
+    wait for it inside the gradient all-reduce, where no data wait shows), so the slowest rank's
+    figure is the one that matters. One small all-reduce per window, where the window's figures
+    are read anyway. A window above `starved` for `patience` windows in a row says so in one line,
+    with the knobs.
 
     Reads the `work` the training step returns with its loss (audio_seconds, samples,
     llm_tokens, flops: host-side counts) and averages over `window` steps.
@@ -88,7 +91,7 @@ class SpeechThroughput(L.Callback):
             "throughput/samples_per_s": self._acc.get("samples", 0.0) * world / dt,
             "throughput/llm_tokens_per_s": self._acc.get("llm_tokens", 0.0) * world / dt,
             "throughput/step_time_s": dt / self._steps,
-            "train/data_wait": min(1.0, self._waited / dt),
+            "train/data_wait": self._slowest_rank(trainer, pl_module, min(1.0, self._waited / dt)),
         }
         if self._peak_flops:
             metrics["throughput/mfu"] = self._acc.get("flops", 0.0) / dt / self._peak_flops
@@ -121,6 +124,14 @@ class SpeechThroughput(L.Callback):
             trainer.global_step,
             workers,
         )
+
+    @staticmethod
+    def _slowest_rank(trainer, pl_module, wait: float) -> float:
+        """The largest of the ranks' values (every rank ends its windows at the same step)."""
+        if trainer.world_size == 1:
+            return wait
+        value = torch.tensor(wait, dtype=torch.float32, device=pl_module.device)
+        return float(trainer.strategy.reduce(value, reduce_op="max"))
 
     @staticmethod
     def _sync(pl_module) -> None:

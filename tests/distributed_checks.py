@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,9 +192,27 @@ def validate(out: str, overrides: list[str], batches: list[int], shards: str) ->
     torch.save(results, f"{out}.rank{RANK}.pt")
 
 
+class _LateOnRank1:
+    """A training loader whose batches come `delay` s late on rank 1 only: one starved rank."""
+
+    def __init__(self, loader, delay: float) -> None:
+        self.loader, self.delay = loader, delay
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if RANK == 1:
+                time.sleep(self.delay)
+            yield batch
+
+
 def host_reads(out: str, overrides: list[str]) -> None:
-    """Every host read of the whole training loop (Lightning's included), per step: the reads
-    between one batch's start and the next's (the step, its hooks, the loop's own checks)."""
+    """Every host read of the whole training loop (Lightning's and the throughput callback's
+    included), per step: the reads between one batch's start and the next's (the step, its hooks,
+    the loop's own checks); rank 1's loader is late, and rank 0 records the data wait it logs."""
+    from sparqle.callbacks import SpeechThroughput
     from sparqle.lifecycle import StopOnSignal
     from tests.helpers import HostReads
 
@@ -201,6 +220,8 @@ def host_reads(out: str, overrides: list[str]) -> None:
     L.seed_everything(cfg.seed)
     module = SparQLeModule.from_config(cfg)
     datamodule = instantiate(cfg.data)
+    loader = datamodule.train_dataloader
+    datamodule.train_dataloader = lambda: _LateOnRank1(loader(), delay=0.2)
     counter = HostReads()
     # host tensors, no device is read: lengths and FLOP counts built from host lists before the
     # copy, and the sampler's permutation as a new epoch's loader starts
@@ -217,13 +238,19 @@ def host_reads(out: str, overrides: list[str]) -> None:
 
     per_step = PerStep()
     stop = StopOnSignal(checkpoint_dir=f"{out}.ckpts", check_every_n_steps=3)
+    throughput = SpeechThroughput(window=3)
     run = trainer(
-        "ddp", max_steps=10, limit_val_batches=0, log_every_n_steps=3, callbacks=[stop, per_step]
+        "ddp",
+        max_steps=10,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        callbacks=[stop, per_step, throughput],
     )
     with counter:
         run.fit(module, datamodule=datamodule)
     steps = [[r for r in reads if not any(h in r for h in host_side)] for reads in per_step.steps]
-    torch.save({"steps": steps}, f"{out}.rank{RANK}.pt")
+    wait = float(run.callback_metrics.get("train/data_wait", -1.0))
+    torch.save({"steps": steps, "data_wait": wait}, f"{out}.rank{RANK}.pt")
 
 
 if __name__ == "__main__":

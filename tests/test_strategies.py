@@ -290,7 +290,9 @@ def test_empty_batch_and_nan_on_different_ranks_skip_the_same_steps(
 def test_the_training_loop_reads_nothing_back_between_checks(tiny_dir, synth_data, tmp_path):
     """The whole loop on 2 ranks, Lightning's own work included (its per-batch SIGTERM broadcast,
     progress-bar metrics): between the checks every 3 steps (logging, skip counts, the stop flag)
-    a step reads back only what HuBERT's padding-mask check reads in transformers itself."""
+    a step reads back only what HuBERT's padding-mask check reads in transformers itself. Rank 1's
+    loader is late: rank 0 itself never waits for data (it waits for rank 1 in the all-reduce),
+    yet the data wait it logs is rank 1's."""
     out = tmp_path / "reads"
     _torchrun(
         str(ROOT / "tests" / "distributed_checks.py"),
@@ -302,6 +304,7 @@ def test_the_training_loop_reads_nothing_back_between_checks(tiny_dir, synth_dat
         "data.batch_size=2",
         "stage=instruct",
     )
+    assert torch.load(f"{out}.rank0.pt", weights_only=True)["data_wait"] > 0.4
     for rank in (0, 1):
         steps = torch.load(f"{out}.rank{rank}.pt", weights_only=True)["steps"]
         assert len(steps) == 9
