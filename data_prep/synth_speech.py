@@ -2,12 +2,15 @@
 
     python -m data_prep.synth_speech --out DIR --n N --seed S [--voices espeak-ng:en-us+m1,flite:slt,...]
         [--val-fraction F] [--heldout-voices flite:awb,...]
+    python -m data_prep.synth_speech --out DIR --sentences FILE --split NAME [--n N] [--voices ...]
 
 Voices are ENGINE:VOICE with engines espeak-ng (any espeak voice), flite (slt, awb, rms, kal16,
 kal) and festival (cmu_us_slt_arctic_hts); a bare name means espeak-ng. Speaking rate varies per
 utterance. Writes DIR/audio/*.flac (16 kHz mono) and DIR/manifest.jsonl; with --val-fraction
 also train.jsonl / val.jsonl, held out by sentence, and with --heldout-voices by voice as well
-(validation clips are spoken only by voices never heard in training).
+(validation clips are spoken only by voices never heard in training). With --sentences, the
+file's sentences (one a line, the first --n of them if given; no translations) are spoken
+instead of the grammar's and written as DIR/NAME.jsonl.
 """
 
 from __future__ import annotations
@@ -155,6 +158,16 @@ def _speak_all(
     return utterances
 
 
+def synthesise_lines(
+    out: Path, lines: list[str], voices: tuple[str, ...], seed: int, split: str
+) -> list[Utterance]:
+    """Each line spoken once, voices taken in turn (transcripts only: no translations)."""
+    utts = _speak_all(out, [Sentence(line, "", "") for line in lines], voices, seed, f"{split}-")
+    for u in utts:
+        u.translation = {}
+    return utts
+
+
 def synthesise_split(
     out: Path,
     n: int,
@@ -177,7 +190,7 @@ def synthesise_split(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--n", type=int, default=None, help="clips (default: 100 / every line)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--voices", default=",".join(DEFAULT_VOICES), help="comma-separated ENGINE:VOICE"
@@ -187,8 +200,21 @@ def main(argv: list[str] | None = None) -> None:
         "--val-fraction", type=float, default=0.0, help="also write train.jsonl / val.jsonl"
     )
     p.add_argument("--heldout-voices", default="", help="voices heard only in val.jsonl")
+    p.add_argument("--sentences", type=Path, help="speak this file's lines, not the grammar")
+    p.add_argument("--split", default="manifest", help="with --sentences: DIR/SPLIT.jsonl")
     args = p.parse_args(argv)
     voices = tuple(v for v in args.voices.split(",") if v)
+    if args.sentences is not None:
+        if not args.sentences.is_file():
+            raise FileNotFoundError(f"--sentences {args.sentences}: no such file")
+        lines = [x.strip() for x in args.sentences.read_text().splitlines() if x.strip()]
+        lines = lines[: args.n] if args.n is not None else lines
+        utts = synthesise_lines(args.out, lines, voices, args.seed, args.split)
+        write_manifest(args.out / f"{args.split}.jsonl", utts)
+        minutes = sum(u.duration or 0 for u in utts) / 60
+        print(f"wrote {len(utts)} utterances ({minutes:.1f} min) to {args.out}", file=sys.stderr)
+        return
+    args.n = 100 if args.n is None else args.n
     heldout = tuple(v for v in args.heldout_voices.split(",") if v)
     if heldout:
         if args.val_fraction <= 0:
