@@ -136,45 +136,45 @@ DEMO_OPEN_DIR ?= data/demo_open
 DEMO_OPEN_LOGS ?= logs/demo_open
 DEMO_OPEN_TRAIN ?= 4000
 DEMO_OPEN_HELDOUT ?= 200
-DEMO_OPEN_STEPS ?= 300
+DEMO_OPEN_STEPS ?= 200
 DEMO_OPEN_SEED ?= 0
 DEMO_OPEN_OVERRIDES ?=
 # linear: SLAM-ASR's adapter, stage 2 only; qformer: the paper's Q-Former, stage 1 then stage 2
 DEMO_OPEN_ADAPTER ?= linear
 DEMO_OPEN_STAGE1_STEPS ?= 200
 DEMO_OPEN_EXPERIMENT = $(if $(filter qformer,$(DEMO_OPEN_ADAPTER)),demo_open_qformer,demo_open)
+# a data step is skipped once the last one's output is there (the data is the same for every run)
+DEMO_OPEN_BUILT = if [ -f $(DEMO_OPEN_DIR)/features/val_voices.json ]; then exit 0; fi;
 DEMO_OPEN_INIT = $(if $(filter qformer,$(DEMO_OPEN_ADAPTER)),stage.init_from=$(DEMO_OPEN_LOGS)/pretrain/checkpoints/last.ckpt)
 demo-open: LOGS = $(DEMO_OPEN_LOGS)
 demo-open: setup
 	@rm -rf $(DEMO_OPEN_LOGS); mkdir -p $(DEMO_OPEN_LOGS)
-	@if [ ! -f $(DEMO_OPEN_DIR)/features/val_voices.json ]; then \
-	  step="1 sentences (WordNet, fortunes)"; $(TIMED) $(PY) -m data_prep.open_sentences --out $(DEMO_OPEN_DIR)/text \
-	    --heldout $(DEMO_OPEN_HELDOUT) --max-train $(DEMO_OPEN_TRAIN) || exit 1; \
-	  step="2 synthesise speech"; $(TIMED) \
+	@$(DEMO_OPEN_BUILT) step="1 sentences (WordNet, fortunes)"; $(TIMED) $(PY) -m data_prep.open_sentences \
+	  --out $(DEMO_OPEN_DIR)/text --heldout $(DEMO_OPEN_HELDOUT) --max-train $(DEMO_OPEN_TRAIN)
+	@$(DEMO_OPEN_BUILT) step="2 synthesise speech"; $(TIMED) \
 	  $(PY) -m data_prep.synth_speech --out $(DEMO_OPEN_DIR) --sentences $(DEMO_OPEN_DIR)/text/train.txt --split train \
 	    --voices $(DEMO_TRAIN_VOICES) --seed 1 & train=$$!; \
 	  $(PY) -m data_prep.synth_speech --out $(DEMO_OPEN_DIR) --sentences $(DEMO_OPEN_DIR)/text/heldout.txt \
 	    --split val_sentences --voices $(DEMO_TRAIN_VOICES) --seed 2 \
 	  && $(PY) -m data_prep.synth_speech --out $(DEMO_OPEN_DIR) --sentences $(DEMO_OPEN_DIR)/text/train.txt \
 	    --n $(DEMO_OPEN_HELDOUT) --split val_voices --voices $(DEMO_HELDOUT_VOICES) --seed 3 || exit 1; \
-	  wait $$train || exit 1; \
-	  step="3 shards + Whisper tiny.en features"; $(TIMED) for s in train val_sentences val_voices; do \
-	    $(PY) -m data_prep.make_shards --manifest $(DEMO_OPEN_DIR)/$$s.jsonl --out $(DEMO_OPEN_DIR)/shards \
-	      --split $$s --shard-size-mb 8 --workers 2 || exit 1; \
-	    $(PY) -m data_prep.extract_features --shards $(DEMO_OPEN_DIR)/shards/$$s.json --out $(DEMO_OPEN_DIR)/features \
-	      encoder=whisper_tiny_en encoder.whisper_window_seconds=8 'encoder.dtype=$${cpu_bf16:bfloat16,float32}' \
-      || exit 1; done; \
-	fi
+	  wait $$train
+	@$(DEMO_OPEN_BUILT) step="3 shards + Whisper tiny.en features"; $(TIMED) for s in train val_sentences val_voices; do \
+	  $(PY) -m data_prep.make_shards --manifest $(DEMO_OPEN_DIR)/$$s.jsonl --out $(DEMO_OPEN_DIR)/shards \
+	    --split $$s --shard-size-mb 8 --workers 2 || exit 1; \
+	  $(PY) -m data_prep.extract_features --shards $(DEMO_OPEN_DIR)/shards/$$s.json --out $(DEMO_OPEN_DIR)/features \
+	    encoder=whisper_tiny_en encoder.whisper_window_seconds=8 'encoder.dtype=$${cpu_bf16:bfloat16,float32}' \
+	    || exit 1; done
 	@if [ "$(DEMO_OPEN_ADAPTER)" = qformer ]; then step="4a stage 1 (Q-Former: ITC+ITM+ITG)"; $(TIMED) \
 	  $(PY) train.py experiment=demo_open_qformer stage=pretrain paths.data_dir=$(abspath $(DEMO_OPEN_DIR)) \
 	    trainer.max_steps=$(DEMO_OPEN_STAGE1_STEPS) val_every_n_steps=50 seed=$(DEMO_OPEN_SEED) $(DEMO_OPEN_OVERRIDES) \
 	    hydra.run.dir=$(DEMO_OPEN_LOGS)/pretrain; fi
 	@step="4 stage 2 (speech -> text through SmolLM2)"; $(TIMED) $(PY) train.py experiment=$(DEMO_OPEN_EXPERIMENT) \
 	  stage=instruct paths.data_dir=$(abspath $(DEMO_OPEN_DIR)) trainer.max_steps=$(DEMO_OPEN_STEPS) \
-	  seed=$(DEMO_OPEN_SEED) $(DEMO_OPEN_INIT) $(DEMO_OPEN_OVERRIDES) hydra.run.dir=$(DEMO_OPEN_LOGS)/instruct
+	  val_every_n_steps=50 seed=$(DEMO_OPEN_SEED) $(DEMO_OPEN_INIT) $(DEMO_OPEN_OVERRIDES) hydra.run.dir=$(DEMO_OPEN_LOGS)/instruct
 	@step="5 evaluate held-out voices and sentences"; $(TIMED) for s in val_voices val_sentences; do \
 	  $(PY) eval.py ckpt=$(DEMO_OPEN_LOGS)/instruct/checkpoints/last.ckpt data=shards \
-	    data.val.urls=$(DEMO_OPEN_DIR)/shards/$$s.json vad=false out=$(DEMO_OPEN_LOGS)/eval_$$s \
+	    data.val.urls=$(DEMO_OPEN_DIR)/shards/$$s.json data.num_workers=1 vad=false out=$(DEMO_OPEN_LOGS)/eval_$$s \
 	    hydra.run.dir=$(DEMO_OPEN_LOGS)/eval_$$s/run > $(DEMO_OPEN_LOGS)/eval_$$s.log || exit 1; done
 	@step="6 Whisper tiny.en's own decoder, never-heard words"; $(TIMED) $(PY) -m demo.open_vocab \
 	  $(DEMO_OPEN_LOGS) $(DEMO_OPEN_DIR) > /dev/null

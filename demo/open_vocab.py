@@ -7,7 +7,8 @@ curve of the held-out-sentence WER against training minutes.
 LOGS holds the run (instruct/csv/*/metrics.csv, timings.txt) and eval.py's per-utterance rows of
 each held-out split (eval_val_voices/*.tsv, eval_val_sentences/*.tsv); DATA_DIR the split
 manifests and text/never_heard.txt. Writes LOGS/summary.json and LOGS/summary.md and prints the
-latter. Whisper's transcripts are kept in LOGS/whisper_SPLIT.tsv (a rerun reuses them).
+latter. Whisper's transcripts depend on the clips only: they are kept in DATA_DIR/whisper_SPLIT.tsv
+for every later run (other seeds, other adapters) to reuse.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def whisper_rows(
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
+    model.generation_config.max_length = None  # max_new_tokens below bounds it
     utts = read_manifest(manifest)
     out: dict[str, tuple[str, str]] = {}
     for i in range(0, len(utts), batch):
@@ -115,7 +117,7 @@ def summarise(logs: Path, data: Path, whisper: Path) -> dict:
     out: dict = {"splits": {}}
     for split, title in SPLITS.items():
         ours = read_rows(logs / f"eval_{split}")
-        ceiling = whisper_rows(whisper, data / f"{split}.jsonl", logs / f"whisper_{split}.tsv")
+        ceiling = whisper_rows(whisper, data / f"{split}.jsonl", data / f"whisper_{split}.tsv")
         ids = sorted(ours)
         entry = {"title": title, "clips": len(ids)}
         for name, rows in (("sparqle", ours), ("whisper", ceiling)):
