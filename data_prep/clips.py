@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -78,6 +79,23 @@ def ordered_map(
     with ProcessPoolExecutor(workers) as pool:
         while chunk := list(itertools.islice(it, window)):
             yield from pool.map(fn, chunk, chunksize=max(1, len(chunk) // (4 * workers)))
+
+
+def kept_clips(
+    pending: deque[Utterance], seconds: Iterable[float | None], skipped: dict[str, int], reason: str
+) -> list[Utterance]:
+    """The entries whose clips were written, their durations filled in: `seconds` yields one value
+    per entry in `pending` (None: its clip could not be written, counted under `reason`); entries
+    are appended to `pending` while `seconds` is consumed, so each is taken off as its value comes."""
+    kept = []
+    for secs in seconds:
+        utt = pending.popleft()
+        if secs is None:
+            skipped[reason] += 1
+            continue
+        utt.duration = round(secs, 4)
+        kept.append(utt)
+    return kept
 
 
 def language_map(pairs: list[str], flag: str, example: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from data_prep.clips import (
     clip_id,
     finish_split,
     flac16k,
+    kept_clips,
     language_map,
     ordered_map,
     write_clip,
@@ -184,15 +185,8 @@ def convert(
             )
             yield audio_dir / f"{uid}.flac", row.get(columns.audio), base
 
-    utts: list[Utterance] = []
-    for seconds in ordered_map(_write_clip, clips(), workers):
-        utt = pending.popleft()
-        if seconds is None:
-            skipped["undecodable audio"] += 1
-            continue
-        utt.duration = round(seconds, 4)
-        utts.append(utt)
-    return utts, skipped
+    seconds = ordered_map(_write_clip, clips(), workers)
+    return kept_clips(pending, seconds, skipped, "undecodable audio"), skipped
 
 
 def _write_clip(job: tuple[Path, Any, Path | None]) -> float | None:

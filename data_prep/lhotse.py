@@ -28,6 +28,7 @@ from data_prep.clips import (
     SAMPLE_RATE,
     clip_id,
     finish_split,
+    kept_clips,
     language_map,
     ordered_map,
     write_clip,
@@ -139,15 +140,8 @@ def convert(
             )
             yield cut, audio_dir / f"{uid}.flac", channel
 
-    utts: list[Utterance] = []
-    for seconds in ordered_map(_write_clip, clips(), workers):
-        utt = pending.popleft()
-        if seconds is None:
-            skipped["unreadable audio"] += 1
-            continue
-        utt.duration = round(seconds, 4)
-        utts.append(utt)
-    return utts, skipped
+    seconds = ordered_map(_write_clip, clips(), workers)
+    return kept_clips(pending, seconds, skipped, "unreadable audio"), skipped
 
 
 def _write_clip(job: tuple[Any, Path, int | None]) -> float | None:
