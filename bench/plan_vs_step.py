@@ -75,7 +75,7 @@ def main() -> None:
     args = p.parse_args()
 
     module, cfg = build_module(args.overrides)
-    rows, calibrated = [], None
+    rows, flop_rate = [], None  # FLOP/s of the first shape: the MFU the plan then assumes
     for spec in args.shapes:
         n, seconds = spec.split("x")
         batch = synthetic_batch(module, int(n), float(seconds), args.target_words)
@@ -83,8 +83,7 @@ def main() -> None:
         dt, out = time_steps(module, batch, args.steps, args.warmup)
         counted = flops.step_work(module.model, batch.host_lengths, out)
         planned = step_flops(module, shape, float(seconds))
-        flop_rate = calibrated or planned / dt  # the first shape sets the MFU the plan assumes
-        calibrated = flop_rate
+        flop_rate = flop_rate or planned / dt
         planned_acts = plan(module, shape, "single", compute_bytes=4)["activations"]
         measured_acts = saved_bytes(module, batch)
         rows.append(
